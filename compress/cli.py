@@ -1,0 +1,239 @@
+"""Command line: thin commands that parse, call one function and print; exit codes live here.
+
+Exit codes: 0 success, 2 invalid input (recipe, path, model spec), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from compress import __version__
+from compress.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # exit 2 with one line, as for any invalid input
+        self.print_usage(sys.stderr)
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _input_size(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    return c, h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="compress", description="Edge model compression toolchain.")
+    p.add_argument("--version", action="version", version=f"compress {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a recipe (resumes a previous run in the same folder)")
+    r.add_argument("recipe", type=Path)
+    r.add_argument("--out", type=Path, help="run folder (default: runs/<name>)")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. stages.1.epochs=3",
+    )
+    r.add_argument("--fresh", action="store_true", help="discard earlier results and start over")
+
+    v = sub.add_parser("validate", help="check a recipe and print it resolved")
+    v.add_argument("recipe", type=Path)
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    e = sub.add_parser("eval", help="accuracy of a model on an ImageFolder split")
+    e.add_argument(
+        "model", help="model spec: cifar_resnet56, timm:NAME, torchvision:NAME or a path"
+    )
+    e.add_argument("--weights", type=Path)
+    e.add_argument(
+        "--data", type=Path, required=True, help="ImageFolder root with train/ and test/"
+    )
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--image-size", type=int, help="model input side (default: the images' own)")
+    e.add_argument("--limit-per-class", type=int)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    x = sub.add_parser("export", help="export a model to ONNX and check parity")
+    x.add_argument("model")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--weights", type=Path)
+    x.add_argument("--input-size", type=_input_size, default=(3, 32, 32), metavar="C,H,W")
+    x.add_argument("--num-classes", type=int, help="classifier width (default: the model's)")
+    x.add_argument("--no-dynamo", action="store_true", help="legacy TorchScript exporter")
+
+    b = sub.add_parser("bench", help="latency of an ONNX model")
+    b.add_argument("onnx", type=Path)
+    b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--min-iters", type=int, default=100)
+    b.add_argument("--min-duration", type=float, default=2.0, help="seconds")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+
+    rp = sub.add_parser("report", help="render report.md and pareto.png of a run folder")
+    rp.add_argument("run_dir", type=Path)
+    return p
+
+
+def cmd_run(args) -> int:
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or Path("runs") / recipe.name
+    report = Pipeline(recipe, out, fresh=args.fresh).run()
+    if "RANK" not in __import__("os").environ or __import__("os").environ["RANK"] == "0":
+        print(f"run complete: {out}/report.json, {out}/report.md, {out}/pareto.png")
+        for m in report["models"]:
+            top1 = m.get("top1")
+            print(
+                f"  {m['name']:<16} top1 {'-' if top1 is None else f'{top1:.2f}%'}"
+                f"  params {m.get('params', 0):,}"
+            )
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    from compress.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# {args.recipe}: valid ({len(recipe.stages)} stages)", file=sys.stderr)
+    return 0
+
+
+def _cli_model(spec_text: str, weights: Path | None, num_classes: int | None):
+    from compress.models import ModelSpec, build_model, check_spec, load_model, load_weights
+
+    try:
+        check_spec(spec_text)
+    except ValueError as e:
+        raise InputError(f"MODEL: {e}") from None
+    if spec_text.endswith(".safetensors") or Path(spec_text).is_file():
+        model, _ = load_model(Path(spec_text))
+    else:
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        model = build_model(ModelSpec(spec_text, kwargs))
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def cmd_eval(args) -> int:
+    from compress.data import ImageFolderData
+    from compress.evaluation import evaluate
+    from compress.pipeline import resolve_device
+    from compress.recipe import DataConfig
+
+    try:
+        cfg = DataConfig.model_validate(
+            {
+                "root": args.data,
+                "image_size": args.image_size,
+                "eval_batch_size": args.batch_size,
+                "limit_per_class": args.limit_per_class,
+                "test_limit_per_class": args.limit_per_class,
+            }
+        )
+    except Exception as e:  # noqa: BLE001 - pydantic error: report as bad input
+        raise InputError(f"--data/--image-size/--batch-size: {e}") from None
+    data = ImageFolderData(cfg)
+    model = _cli_model(args.model, args.weights, data.num_classes)
+    result = evaluate(model, data.loader(args.split), resolve_device(args.device), desc="eval")
+    result = {"model": args.model, "split": args.split, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{args.model} on {args.split} ({result['n']} images): "
+            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
+        )
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from compress.deploy.onnx_export import check_parity, export_onnx
+
+    model = _cli_model(args.model, args.weights, args.num_classes)
+    export_onnx(model, args.out, args.input_size, dynamo=not args.no_dynamo)
+    parity = check_parity(model, args.out, torch.randn(8, *args.input_size))
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size:,} bytes); "
+        f"max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} on random inputs"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from compress.deploy.bench import bench_onnxruntime
+
+    if args.batch_size <= 0:
+        raise InputError("--batch-size: must be > 0")
+    result = bench_onnxruntime(
+        args.onnx, args.batch_size, args.threads, args.warmup, args.min_iters, args.min_duration
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{args.onnx} batch {result['batch_size']}, {result['threads']} threads, "
+            f"{result['iterations']} runs: p50 {result['p50_ms']:.3f} ms, p90 "
+            f"{result['p90_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms, "
+            f"{result['throughput_ips']:.1f} images/s"
+        )
+    return 0
+
+
+def cmd_report(args) -> int:
+    from compress.report import render
+
+    md, png = render(args.run_dir)
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "report": cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished stages and the last epoch checkpoint are kept; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""ONNX export with the current torch exporter, `onnx.checker`, and onnxruntime parity on real inputs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.io import atomic_path
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_size: tuple[int, int, int],
+    opset: int = 20,
+    dynamo: bool = True,
+) -> Path:
+    """Write `model` as one ONNX file with a dynamic batch axis named `batch`, then check it."""
+    import onnx
+
+    model = copy.deepcopy(model).eval().cpu()
+    # Trace with batch 2: torch.export specialises size-1 dimensions.
+    example = torch.zeros(2, *input_size)
+    path = Path(path)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_path = tmp.with_suffix(".onnx")
+        try:
+            if dynamo:
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_shapes=({0: "batch"},),
+                    verbose=False,
+                )
+                program.save(str(onnx_path), external_data=False)
+            else:
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(onnx_path),
+                    dynamo=False,
+                    opset_version=min(opset, 20),
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                )
+            onnx.checker.check_model(str(onnx_path))
+            onnx_path.replace(tmp)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+    return path
+
+
+def onnxruntime_session(path: Path, threads: int | None = None):
+    """A CPU inference session with all graph optimisations and an explicit thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, path: Path, images: torch.Tensor) -> dict[str, Any]:
+    """Compare onnxruntime with PyTorch on `images`: max/mean abs diff of logits, argmax agreement."""
+    model = copy.deepcopy(model).eval().cpu()
+    expected = model(images).float().numpy()
+    session = onnxruntime_session(path)
+    name = session.get_inputs()[0].name
+    got = session.run(None, {name: images.numpy().astype(np.float32)})[0]
+    diff = np.abs(got - expected)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+        "parity_samples": int(images.shape[0]),
+        "max_abs_logit": float(np.abs(expected).max()),
+    }

@@ -1,0 +1,5 @@
+"""The error type for bad user input; the command line turns it into exit code 2."""
+
+
+class InputError(Exception):
+    """Invalid input (recipe, path, model spec): reported as one clear message, exit code 2."""

@@ -1,0 +1,12 @@
+"""Model zoo and model specs: `cifar_resnetN`, `timm:NAME`, `torchvision:NAME`, or a saved model path."""
+
+from compress.models.registry import (
+    ModelSpec,
+    build_model,
+    check_spec,
+    load_model,
+    load_weights,
+    save_model,
+)
+
+__all__ = ["ModelSpec", "build_model", "check_spec", "load_model", "load_weights", "save_model"]

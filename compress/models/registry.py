@@ -1,0 +1,162 @@
+"""One entry point for every model: parse a spec, build it, load weights, save and reload it.
+
+A saved model is a safetensors file whose metadata holds the architecture spec as JSON, so it
+reloads with no pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import InputError
+from compress.io import atomic_path
+from compress.models.cifar_resnet import DEPTHS, cifar_resnet
+
+CIFAR_NAMES = {f"cifar_resnet{d}": d for d in DEPTHS}
+SPEC_HELP = (
+    "expected cifar_resnet{20,32,44,56,110}, timm:NAME, torchvision:NAME, "
+    "or the path of a model saved by compress (.safetensors)"
+)
+SPEC_METADATA_KEY = "compress.model_spec"
+
+
+@dataclass
+class ModelSpec:
+    """What a model is: its name (a spec string) and the keyword arguments that build it."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(name=d["name"], kwargs=dict(d.get("kwargs", {})))
+
+
+def _is_saved_path(name: str) -> bool:
+    return name.endswith(".safetensors") or os.sep in name or name.startswith(".")
+
+
+def check_spec(name: str) -> None:
+    """Raise ValueError with a helpful message if `name` is not a model spec compress can build."""
+    if name in CIFAR_NAMES:
+        return
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[5:]):
+            raise ValueError(f"unknown timm model '{name[5:]}' (see timm.list_models())")
+        return
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        if name[12:] not in torchvision.models.list_models():
+            raise ValueError(f"unknown torchvision model '{name[12:]}'")
+        return
+    if _is_saved_path(name):
+        if not Path(name).is_file():
+            raise ValueError(f"saved model file not found: {name}")
+        return
+    raise ValueError(f"unknown model '{name}': {SPEC_HELP}")
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the architecture `spec` names, with freshly initialised weights (never downloads)."""
+    name, kwargs = spec.name, dict(spec.kwargs)
+    try:
+        check_spec(name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if name in CIFAR_NAMES:
+        return cifar_resnet(CIFAR_NAMES[name], **kwargs)
+    if name.startswith("timm:"):
+        import timm
+
+        kwargs.setdefault("pretrained", False)
+        return timm.create_model(name[5:], **kwargs)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        kwargs.setdefault("weights", None)
+        return torchvision.models.get_model(name[12:], **kwargs)
+    return load_model(Path(name))[0]
+
+
+def _clean_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(
+            f"{path}: not a state dict (expected a mapping of parameter names to tensors)"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint into `model`: a state dict, {'state_dict': ...}, or a safetensors file.
+
+    A `module.` prefix (DataParallel) is stripped; buffers a checkpoint lacks that PyTorch can
+    regenerate (BatchNorm's `num_batches_tracked`) are tolerated, any other mismatch is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - report any unreadable checkpoint the same way
+            raise InputError(f"{path}: cannot read weights ({e})") from None
+        state = _clean_state_dict(obj, path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise InputError(
+            f"{path}: weights do not match the model "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+
+
+def save_model(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
+    """Write `model` with its spec as one safetensors file, atomically."""
+    from safetensors.torch import save_model as st_save_model
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        st_save_model(model, str(tmp), metadata={SPEC_METADATA_KEY: json.dumps(spec.to_dict())})
+    return path
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
+    """Reload a model written by `save_model`: build from its stored spec, then load its weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"saved model not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{path}: not a safetensors model file ({e})") from None
+    if SPEC_METADATA_KEY not in meta:
+        raise InputError(f"{path}: no model spec in its metadata (was it saved by compress?)")
+    spec = ModelSpec.from_dict(json.loads(meta[SPEC_METADATA_KEY]))
+    model = build_model(spec)
+    load_weights(model, path)
+    return model, spec

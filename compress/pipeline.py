@@ -1,0 +1,256 @@
+"""Run a recipe: stages in order, one folder each, resumable, with report.json kept current.
+
+A stage is skipped when its folder holds a finished `stage.json` whose key matches; the key hashes
+the stage's config with the key of everything before it (data, models, seed, earlier stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from compress.data import ImageFolderData
+from compress.errors import InputError
+from compress.evaluation import count_flops, count_params, evaluate
+from compress.io import read_json, write_json, write_text
+from compress.models import ModelSpec, build_model, load_model, load_weights, save_model
+from compress.recipe import ModelConfig, Recipe
+from compress.report import RunReport
+from compress.stages import STAGES, StageContext
+from compress.train.distributed import DistInfo, barrier, broadcast, init_distributed
+
+RUN_MARKER = ".compress-run"
+STAGE_STATE = "stage.json"
+MODEL_FILE = "model.safetensors"
+SCRATCH_FILES = ("checkpoint.pt", "teacher_logits.pt")
+
+
+def resolve_device(preference: str) -> torch.device:
+    import os
+
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError(
+                "device: cuda requested but no CUDA device is available (use auto or cpu)"
+            )
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_from_config(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSpec]:
+    """Build a recipe model: a saved file reloads as saved; otherwise build, then load weights."""
+    if cfg.model.endswith(".safetensors") or Path(cfg.model).is_file():
+        model, spec = load_model(Path(cfg.model))
+    else:
+        kwargs = dict(cfg.kwargs)
+        kwargs.setdefault("num_classes", num_classes)
+        spec = ModelSpec(cfg.model, kwargs)
+        model = build_model(spec)
+    if cfg.weights is not None:
+        load_weights(model, cfg.weights)
+    return model, spec
+
+
+def model_facts(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {
+        "params": count_params(model),
+        "size_bytes": state_bytes,
+        "flops": count_flops(model, input_size),
+    }
+
+
+class Pipeline:
+    """One run of a recipe into `out_dir`."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, fresh: bool = False):
+        self.recipe, self.out_dir = recipe, Path(out_dir)
+        self.device = resolve_device(recipe.device)
+        self.dist: DistInfo = init_distributed(self.device)
+        self._prepare_dir(fresh)
+        seed_everything(recipe.seed)
+        self.data = ImageFolderData(recipe.data, recipe.seed)
+        self._teacher: nn.Module | None = None
+        self.report = RunReport(self.out_dir, recipe.name)
+
+    def _prepare_dir(self, fresh: bool) -> None:
+        out = self.out_dir
+        if self.dist.is_main:
+            if out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
+                raise InputError(
+                    f"--out {out}: folder exists and is not a compress run; choose another folder"
+                )
+            if fresh and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_MARKER).touch()
+            resolved = self.recipe.model_dump(mode="json", exclude_none=False)
+            write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        barrier(self.dist)
+
+    # ------------------------------------------------------------------ models
+
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            assert self.recipe.teacher is not None
+            model, _ = model_from_config(self.recipe.teacher, self.data.num_classes)
+            model.eval().requires_grad_(False)
+            self._teacher = model.to(self.device)
+        return self._teacher
+
+    def _measure(self, model: nn.Module, label: str) -> dict[str, Any]:
+        """Facts and test accuracy of a model (rank 0 only)."""
+        facts = model_facts(model.cpu(), self.data.input_size)
+        test = evaluate(model, self.data.loader("test"), self.device, desc=f"test {label}")
+        return {**facts, "top1": test["top1"], "top5": test["top5"], "test_n": test["n"]}
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict[str, Any]:
+        recipe, data = self.recipe, self.data
+        key = digest(
+            recipe.data.model_dump(mode="json"),
+            recipe.seed,
+            recipe.teacher and recipe.teacher.model_dump(mode="json"),
+            recipe.student_config().model_dump(mode="json"),
+        )
+        self.report.set_environment(self.device)
+        if recipe.teacher is not None and self.dist.is_main:
+            self._teacher_entry(key)
+        seed_everything(recipe.seed)
+        model, spec = model_from_config(recipe.student_config(), data.num_classes)
+        current = "student"
+        self.report.ensure_model(
+            current, role="input", spec=spec.name, **model_facts(model, data.input_size)
+        )
+        artifacts: dict[str, str] = {}
+        self.report.write()
+        for index, cfg in enumerate(recipe.stages):
+            stage_type = STAGES[cfg.type]
+            key = digest(key, cfg.model_dump(mode="json"))
+            stage_dir = self.out_dir / f"{index:02d}-{cfg.label}"
+            state = self._finished_state(stage_dir, key)
+            if state is not None:
+                if self.dist.is_main:
+                    print(f"[{index}] {cfg.label}: done earlier, skipped")
+                if stage_type.makes_model:
+                    model, spec = load_model(stage_dir / MODEL_FILE)
+            else:
+                state, model, spec = self._run_stage(
+                    index, cfg, stage_dir, key, model, spec, artifacts
+                )
+            artifacts.update(state.get("artifacts", {}))
+            if stage_type.makes_model:
+                current = f"{index:02d}-{cfg.label}"
+            self.report.record_stage(index, cfg, stage_dir, state, current)
+            self.report.write()
+        self.report.finish()
+        self.report.write()
+        if self.dist.is_main:
+            self.report.render()
+        barrier(self.dist)
+        return self.report.data
+
+    def _teacher_entry(self, key: str) -> None:
+        path = self.out_dir / "teacher" / "metrics.json"
+        cached = read_json(path) if path.is_file() else None
+        if cached is None or cached.get("key") != key:
+            print("teacher: measuring on the test split")
+            t0 = time.perf_counter()
+            measured = self._measure(self.teacher(), "teacher")
+            measured["wall_time_s"] = time.perf_counter() - t0
+            cached = {"key": key, "metrics": measured}
+            write_json(path, cached)
+        assert self.recipe.teacher is not None
+        self.report.ensure_model(
+            "teacher", role="teacher", spec=self.recipe.teacher.model, **cached["metrics"]
+        )
+
+    def _finished_state(self, stage_dir: Path, key: str) -> dict[str, Any] | None:
+        state = None
+        path = stage_dir / STAGE_STATE
+        if self.dist.is_main and path.is_file():
+            state = read_json(path)
+            if state.get("status") != "done" or state.get("key") != key:
+                state = None
+        return broadcast(self.dist, state)
+
+    def _run_stage(self, index, cfg, stage_dir, key, model, spec, artifacts):
+        stage_type = STAGES[cfg.type]
+        if self.dist.is_main:
+            previous = (
+                read_json(stage_dir / STAGE_STATE) if (stage_dir / STAGE_STATE).is_file() else {}
+            )
+            if previous.get("key") not in (
+                None,
+                key,
+            ):  # config or input changed: start the stage over
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json(stage_dir / STAGE_STATE, {"key": key, "status": "running", "type": cfg.type})
+            print(f"[{index}] {cfg.label}: running")
+        barrier(self.dist)
+        ctx = StageContext(
+            recipe=self.recipe,
+            index=index,
+            stage_dir=stage_dir,
+            device=self.device,
+            data=self.data,
+            model=model,
+            spec=spec,
+            dist=self.dist,
+            artifacts=dict(artifacts),
+            teacher_loader=self.teacher,
+        )
+        t0 = time.perf_counter()
+        state: dict[str, Any] = {"key": key, "type": cfg.type, "label": cfg.label}
+        if stage_type.makes_model or self.dist.is_main:
+            try:
+                result = stage_type.run(ctx, cfg)
+            except Exception as e:
+                if self.dist.is_main:
+                    write_json(
+                        stage_dir / STAGE_STATE, {**state, "status": "failed", "error": str(e)}
+                    )
+                raise
+            if result.model is not None:
+                model, spec = result.model, result.spec or spec
+            state.update(
+                metrics=result.metrics,
+                artifacts=result.artifacts,
+                model_metrics=result.model_metrics,
+                teacher_metrics=result.teacher_metrics,
+            )
+        state["wall_time_s"] = time.perf_counter() - t0
+        if self.dist.is_main:
+            if stage_type.makes_model:
+                save_model(model.cpu(), spec, stage_dir / MODEL_FILE)
+                state["model"] = {"spec": spec.name, **self._measure(model, cfg.label)}
+            state["status"] = "done"
+            write_json(stage_dir / STAGE_STATE, state)
+            for name in SCRATCH_FILES:
+                (stage_dir / name).unlink(missing_ok=True)
+        state = broadcast(self.dist, state)
+        barrier(self.dist)
+        return state, model, spec

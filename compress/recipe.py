@@ -1,0 +1,318 @@
+"""The recipe schema (pydantic v2) and its loader: env interpolation, `--set` overrides, clear errors.
+
+Stage configs live with their stages (`compress/stages/`); the loader validates each entry of
+`stages` against the config class registered for its `type`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from compress.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    base = (info.context or {}).get("base_dir")
+    if value is None or base is None:
+        return value
+    p = Path(os.path.expanduser(str(value)))
+    return p if p.is_absolute() else (Path(base) / p).resolve()
+
+
+class DataConfig(StrictModel):
+    """ImageFolder data: `root/train/<class>/*`, `root/test/<class>/*`, optional `root/val/`."""
+
+    root: Path = Field(description="Folder with train/ and test/ (and optionally val/) subfolders.")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of train carved out as validation when no val/ exists."
+    )
+    limit_per_class: int | None = Field(
+        None, gt=0, description="Use at most this many train (and val/) images per class."
+    )
+    test_limit_per_class: int | None = Field(
+        None, gt=0, description="Use at most this many test images per class."
+    )
+    image_size: int | None = Field(
+        None, gt=0, description="Model input side; null keeps the images' own (square) size."
+    )
+    resize: int | None = Field(
+        None,
+        gt=0,
+        description="Shorter side after decoding; default image_size/0.875 for >= 64 px, else none.",
+    )
+    augment: Literal["none", "flip", "crop_flip", "random_resized_crop"] = Field(
+        "crop_flip",
+        description="Train augmentation (CIFAR: crop_flip; ImageNet: random_resized_crop).",
+    )
+    crop_padding: int = Field(4, ge=0, description="Padding for augment=crop_flip.")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Normalisation mean (RGB).")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Normalisation std (RGB).")
+    batch_size: int = Field(128, gt=0, description="Training batch size (per process).")
+    eval_batch_size: int = Field(256, gt=0, description="Evaluation batch size.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    cache_mb: int = Field(
+        4096, ge=0, description="Hold decoded images in memory when a split fits this budget (MiB)."
+    )
+
+    _resolve_root = field_validator("root", mode="before")(_resolve_path)
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"data folder not found: {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("every std value must be > 0")
+        return v
+
+
+class ModelConfig(StrictModel):
+    """A model: its spec, optional weights file, and keyword arguments for its builder."""
+
+    model: str = Field(
+        description="cifar_resnet{20,32,44,56,110}, timm:NAME, torchvision:NAME, or a saved model path."
+    )
+    weights: Path | None = Field(
+        None, description="Checkpoint to load (state dict or safetensors)."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Builder arguments, e.g. {num_classes: 10, img_size: 32}."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"model": v} if isinstance(v, str) else v
+
+    _resolve_weights = field_validator("weights", mode="before")(_resolve_path)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _resolve_saved(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, str) and (v.endswith(".safetensors") or "/" in v) and ":" not in v:
+            return str(_resolve_path(v, info))
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from compress.models import check_spec
+
+        check_spec(v)
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"weights file not found: {v}")
+        return v
+
+
+class Recipe(StrictModel):
+    """A run: data, a fixed teacher, the student it starts from, and the stages applied in order."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name (folder-safe)."
+    )
+    seed: int = Field(0, description="Seed for data splits, initialisation and shuffling.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks cuda if present."
+    )
+    data: DataConfig
+    teacher: ModelConfig | None = Field(None, description="Fixed teacher (needed by distill).")
+    student: ModelConfig | None = Field(
+        None, description="Model the stages start from; default: the teacher's architecture."
+    )
+    stages: list[Any] = Field(min_length=1, description="Ordered list of stages (see below).")
+
+    @model_validator(mode="after")
+    def _needs_a_model(self) -> Recipe:
+        if self.teacher is None and self.student is None:
+            raise ValueError("set `teacher` or `student` (the model the stages start from)")
+        if self.teacher is None and any(getattr(s, "needs_teacher", False) for s in self.stages):
+            raise ValueError("a distill stage needs a `teacher`")
+        return self
+
+    def student_config(self) -> ModelConfig:
+        """The model the first stage starts from: `student`, else the teacher's architecture."""
+        if self.student is not None:
+            return self.student
+        assert self.teacher is not None
+        return ModelConfig(model=self.teacher.model, kwargs=self.teacher.kwargs)
+
+
+# ---------------------------------------------------------------- loading
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(obj: Any, path: str = "") -> Any:
+    """Replace ${VAR} and ${VAR:-default} in string values with the environment's values."""
+    if isinstance(obj, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, str):
+
+        def sub(m: re.Match) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                if m.group(2) is None:
+                    raise InputError(f"{path}: environment variable {m.group(1)} is not set")
+                return m.group(2)
+            return value
+
+        return _ENV.sub(sub, obj)
+    return obj
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set a.b.0.c=VALUE` (VALUE parsed as YAML) to the raw recipe mapping."""
+    if "=" not in assignment:
+        raise InputError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages.1.epochs=3")
+    key, value_text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise InputError(f"--set {assignment!r}: empty key")
+    value = yaml.safe_load(value_text)
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise InputError(f"--set {key}: '{where}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise InputError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping or list")
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "recipe"
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    bounds = {
+        "greater_than": "> {gt}",
+        "greater_than_equal": ">= {ge}",
+        "less_than": "< {lt}",
+        "less_than_equal": "<= {le}",
+    }
+    if kind in bounds:
+        return "must be " + bounds[kind].format(**ctx) + f" (got {err.get('input')!r})"
+    if kind == "extra_forbidden":
+        return "unknown key (see recipes/README.md for the fields this section takes)"
+    if kind == "missing":
+        return "required field is missing"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        msg += f" (got {err.get('input')!r})"
+    return msg
+
+
+def _errors(e: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
+    lines = []
+    for err in e.errors():
+        loc = prefix + tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        lines.append(f"{format_loc(loc)}: {_message(err)}")
+    return lines
+
+
+def parse_recipe(raw: Any, base_dir: Path | str = ".") -> Recipe:
+    """Validate a raw recipe mapping; raise InputError listing every problem with its field path."""
+    from compress.stages import STAGES
+
+    if not isinstance(raw, dict):
+        raise InputError("recipe: expected a mapping at the top level (name, data, stages, ...)")
+    raw = _interpolate(raw)
+    context = {"base_dir": Path(base_dir).resolve()}
+    problems: list[str] = []
+    stages: list[Any] = []
+    raw_stages = raw.get("stages")
+    if isinstance(raw_stages, list):
+        for i, entry in enumerate(raw_stages):
+            if not isinstance(entry, dict) or "type" not in entry:
+                problems.append(f"stages[{i}].type: required (one of {', '.join(sorted(STAGES))})")
+                continue
+            if entry["type"] not in STAGES:
+                problems.append(
+                    f"stages[{i}].type: unknown stage type {entry['type']!r} "
+                    f"(one of {', '.join(sorted(STAGES))})"
+                )
+                continue
+            try:
+                stages.append(STAGES[entry["type"]].config.model_validate(entry, context=context))
+            except ValidationError as e:
+                problems.extend(_errors(e, ("stages", i)))
+        raw = {**raw, "stages": stages if not problems else raw_stages}
+    try:
+        recipe = Recipe.model_validate(raw, context=context)
+    except ValidationError as e:
+        problems = _errors(e) + problems
+        recipe = None
+    if problems:
+        raise InputError("invalid recipe:\n  " + "\n  ".join(problems))
+    assert recipe is not None
+    return recipe
+
+
+def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, interpolate and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping at the top level (name, data, stages, ...)")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_recipe(raw, base_dir=path.parent)

@@ -1,0 +1,92 @@
+"""The stage registry, and what a stage is given (StageContext) and returns (StageResult)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.recipe import Recipe, StrictModel
+
+if TYPE_CHECKING:
+    from compress.data import ImageFolderData
+    from compress.models import ModelSpec
+    from compress.train.distributed import DistInfo
+
+
+class StageConfig(StrictModel):
+    """Fields every stage has; each stage type subclasses this with `type: Literal[...]`."""
+
+    type: str
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Folder name suffix (default: the type)."
+    )
+    needs_teacher: ClassVar[bool] = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+
+@dataclass
+class StageContext:
+    """What a stage sees: the recipe, its folder, the data, the input model and the teacher."""
+
+    recipe: Recipe
+    index: int
+    stage_dir: Path
+    device: torch.device
+    data: ImageFolderData
+    model: nn.Module
+    spec: ModelSpec
+    dist: DistInfo
+    artifacts: dict[str, str]
+    teacher_loader: Callable[[], nn.Module]
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The fixed teacher in eval mode with gradients off (built on first use)."""
+        return self.teacher_loader()
+
+
+@dataclass
+class StageResult:
+    """What a stage made: a new model (or None to pass the input on), metrics and artifact paths."""
+
+    model: nn.Module | None = None
+    spec: ModelSpec | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    model_metrics: dict[str, Any] = field(
+        default_factory=dict
+    )  # merged into the model's report entry
+    teacher_metrics: dict[str, Any] = field(default_factory=dict)  # merged into the teacher's entry
+
+
+StageFn = Callable[[StageContext, Any], StageResult]
+
+
+@dataclass
+class StageType:
+    name: str
+    config: type[StageConfig]
+    run: StageFn
+    makes_model: bool
+
+
+STAGES: dict[str, StageType] = {}
+
+
+def register_stage(name: str, config: type[StageConfig], makes_model: bool = False):
+    """Register `run(ctx, cfg) -> StageResult` as the stage type `name` configured by `config`."""
+
+    def decorator(fn: StageFn) -> StageFn:
+        STAGES[name] = StageType(name, config, fn, makes_model)
+        return fn
+
+    return decorator
