@@ -147,7 +147,7 @@ class Recipe(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks cuda if present."
     )
-    data: DataConfig
+    data: DataConfig = Field(description="The data set (see `data` below).")
     teacher: ModelConfig | None = Field(None, description="Fixed teacher (needed by distill).")
     student: ModelConfig | None = Field(
         None, description="Model the stages start from; default: the teacher's architecture."

@@ -232,7 +232,7 @@ def render_pareto(report: dict[str, Any], path: Path) -> None:
     if has_latency:
         panels.insert(0, ("latency_ms", "latency p50 (ms)", 1.0))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (key, label, scale) in zip(axes[0], panels):
+    for ax, (key, label, scale) in zip(axes[0], panels, strict=True):
         pts = [(m[key] / scale, m["top1"], m["name"]) for m in models if m.get(key)]
         for x, y, name in pts:
             ax.scatter(x, y, s=40)

@@ -1,0 +1,78 @@
+"""Shared fixtures: the real CIFAR-10 data and pretrained teachers from the shared folder.
+
+The folder is `../shared` beside the repository, or wherever COMPRESS_SHARED points.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COMPRESS_SHARED", REPO.parent / "shared"))
+CIFAR = SHARED / "data" / "cifar10"
+WEIGHTS = SHARED / "weights" / "cifar_resnet"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: set COMPRESS_SHARED to the folder holding data/ and weights/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    return _need(CIFAR)
+
+
+@pytest.fixture(scope="session")
+def resnet56_weights() -> Path:
+    return _need(WEIGHTS / "resnet56-4bfd9763.th")
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights() -> Path:
+    return _need(WEIGHTS / "resnet20-12fca82f.th")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `compress ARGS` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
+    """A few-second recipe: distil on 20 images per class, evaluate, export, bench."""
+    return {
+        "name": "small",
+        "seed": 0,
+        "data": {"root": str(cifar_root), "limit_per_class": 20, "test_limit_per_class": 10,
+                 "batch_size": 50},
+        "teacher": {"model": "cifar_resnet56", "weights": str(resnet56_weights)},
+        "student": "cifar_resnet20",
+        "stages": [
+            {"type": "eval", "name": "eval-initial"},
+            {"type": "distill", "epochs": 2, "lr": 0.05},
+            {"type": "export"},
+            {"type": "bench", "batch_sizes": [1, 4], "min_iters": 10, "min_duration_s": 0.1,
+             "warmup": 2},
+        ],
+    }

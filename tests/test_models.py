@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.data import ImageFolderData
+from compress.errors import InputError
+from compress.evaluation import count_flops, count_params, evaluate
+from compress.models import ModelSpec, build_model, load_model, load_weights, save_model
+from compress.recipe import DataConfig
+
+
+def test_pretrained_resnet56_reaches_its_known_accuracy(cifar_root, resnet56_weights):
+    """The shared README measures 83.2% on the full JPEG test set; 50 images per class stay near it."""
+    model = build_model(ModelSpec("cifar_resnet56", {"num_classes": 10}))
+    load_weights(model, resnet56_weights)
+    data = ImageFolderData(DataConfig(root=cifar_root, test_limit_per_class=50))
+    result = evaluate(model, data.loader("test"), torch.device("cpu"))
+    assert result["n"] == 500
+    assert 78.0 <= result["top1"] <= 89.0, result
+    assert result["top5"] >= 97.0
+
+
+def test_architecture_matches_the_published_sizes():
+    assert count_params(build_model(ModelSpec("cifar_resnet56"))) == 853_018
+    assert count_params(build_model(ModelSpec("cifar_resnet20"))) == 269_722
+    # ~41 M multiply-adds for ResNet-20 (He et al.), counted as 2 FLOPs each.
+    flops = count_flops(build_model(ModelSpec("cifar_resnet20")), (3, 32, 32))
+    assert 75e6 < flops < 90e6
+
+
+def test_saved_model_reloads_without_pickle(tmp_path: Path):
+    spec = ModelSpec("cifar_resnet20", {"num_classes": 7})
+    model = build_model(spec).eval()
+    path = save_model(model, spec, tmp_path / "m.safetensors")
+    reloaded, reloaded_spec = load_model(path)
+    x = torch.randn(3, 3, 32, 32)
+    assert reloaded_spec == spec
+    torch.testing.assert_close(reloaded.eval()(x), model(x))
+    assert path.read_bytes()[:8] != b"PK\x03\x04"  # not a zip/pickle archive
+
+
+def test_timm_and_torchvision_specs_build_offline():
+    m = build_model(ModelSpec("timm:resnet18", {"num_classes": 10}))
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    m = build_model(ModelSpec("torchvision:mobilenet_v3_small", {"num_classes": 10}))
+    assert m.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_mismatched_weights_are_a_clear_error(resnet56_weights):
+    model = build_model(ModelSpec("cifar_resnet20"))
+    with pytest.raises(InputError, match="do not match"):
+        load_weights(model, resnet56_weights)
+    with pytest.raises(InputError, match="not found"):
+        load_weights(model, Path("/nonexistent/w.th"))
