@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from compress import __version__
-from compress.errors import InputError
+from compress.errors import InputError, StageFailed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "interrupted: finished stages and the last epoch checkpoint are kept; "

@@ -3,3 +3,7 @@
 
 class InputError(Exception):
     """Invalid input (recipe, path, model spec): reported as one clear message, exit code 2."""
+
+
+class StageFailed(Exception):
+    """A stage ran but its result fails a check (e.g. ONNX parity): exit code 1, no traceback."""

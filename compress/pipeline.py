@@ -92,7 +92,7 @@ class Pipeline:
         seed_everything(recipe.seed)
         self.data = ImageFolderData(recipe.data, recipe.seed)
         self._teacher: nn.Module | None = None
-        self.report = RunReport(self.out_dir, recipe.name)
+        self.report = RunReport(self.out_dir, recipe.name, writer=self.dist.is_main)
 
     def _prepare_dir(self, fresh: bool) -> None:
         out = self.out_dir

@@ -52,8 +52,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 class RunReport:
     """The run's report.json: models (teacher, input, each stage's output) and stages."""
 
-    def __init__(self, run_dir: Path, name: str):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, name: str, writer: bool = True):
+        self.run_dir, self.writer = Path(run_dir), writer
         self.data: dict[str, Any] = {
             "name": name,
             "status": "running",
@@ -111,6 +111,9 @@ class RunReport:
         self.data["status"] = "complete"
 
     def write(self) -> None:
+        """Save report.json (only in the process that writes artifacts)."""
+        if not self.writer:
+            return
         self.data["updated"] = _now()
         write_json(self.run_dir / REPORT_JSON, self.data)
 

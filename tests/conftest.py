@@ -21,7 +21,9 @@ WEIGHTS = SHARED / "weights" / "cifar_resnet"
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} not found: set COMPRESS_SHARED to the folder holding data/ and weights/")
+        pytest.skip(
+            f"{path} not found: set COMPRESS_SHARED to the folder holding data/ and weights/"
+        )
     return path
 
 
@@ -40,7 +42,9 @@ def resnet20_weights() -> Path:
     return _need(WEIGHTS / "resnet20-12fca82f.th")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `compress ARGS` in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
@@ -64,15 +68,24 @@ def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
     return {
         "name": "small",
         "seed": 0,
-        "data": {"root": str(cifar_root), "limit_per_class": 20, "test_limit_per_class": 10,
-                 "batch_size": 50},
+        "data": {
+            "root": str(cifar_root),
+            "limit_per_class": 20,
+            "test_limit_per_class": 10,
+            "batch_size": 50,
+        },
         "teacher": {"model": "cifar_resnet56", "weights": str(resnet56_weights)},
         "student": "cifar_resnet20",
         "stages": [
             {"type": "eval", "name": "eval-initial"},
             {"type": "distill", "epochs": 2, "lr": 0.05},
             {"type": "export"},
-            {"type": "bench", "batch_sizes": [1, 4], "min_iters": 10, "min_duration_s": 0.1,
-             "warmup": 2},
+            {
+                "type": "bench",
+                "batch_sizes": [1, 4],
+                "min_iters": 10,
+                "min_duration_s": 0.1,
+                "warmup": 2,
+            },
         ],
     }

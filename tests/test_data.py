@@ -51,7 +51,9 @@ def test_memory_cache_and_disk_reads_give_the_same_batches(cifar_root):
 
 
 def test_resize_and_crop_for_imagenet_style_inputs(tmp_path):
-    data = ImageFolderData(DataConfig(root=_folder(tmp_path), image_size=32, augment="random_resized_crop"))
+    data = ImageFolderData(
+        DataConfig(root=_folder(tmp_path), image_size=32, augment="random_resized_crop")
+    )
     x = next(iter(data.loader("train", train=True, batch_size=4)))[0]
     assert x.shape == (4, 3, 32, 32)
     assert data.input_size == (3, 32, 32)

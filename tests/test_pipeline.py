@@ -6,15 +6,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from compress.io import read_json
 from tests.conftest import run_cli, write_recipe
 
-BENCH_FIELDS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "batch_size", "threads",
-                "backend"}
+BENCH_FIELDS = {
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "mean_ms",
+    "throughput_ips",
+    "batch_size",
+    "threads",
+    "backend",
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +29,12 @@ def finished_run(tmp_path_factory, cifar_root, resnet56_weights):
     tmp = tmp_path_factory.mktemp("run")
     recipe = {
         "name": "small",
-        "data": {"root": str(cifar_root), "limit_per_class": 20, "test_limit_per_class": 10,
-                 "batch_size": 50},
+        "data": {
+            "root": str(cifar_root),
+            "limit_per_class": 20,
+            "test_limit_per_class": 10,
+            "batch_size": 50,
+        },
         "teacher": {"model": "cifar_resnet56", "weights": str(resnet56_weights)},
         "student": "cifar_resnet20",
         "stages": [
@@ -70,7 +81,9 @@ def test_report_command_renders_again(finished_run):
 
 def test_saved_student_evaluates_and_exports_from_the_cli(finished_run, cifar_root, tmp_path):
     model = finished_run / "00-distill" / "model.safetensors"
-    result = run_cli("eval", str(model), "--data", str(cifar_root), "--limit-per-class", "10", "--json")
+    result = run_cli(
+        "eval", str(model), "--data", str(cifar_root), "--limit-per-class", "10", "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["n"] == 100 and {"top1", "top5"} <= out.keys()
@@ -80,12 +93,27 @@ def test_saved_student_evaluates_and_exports_from_the_cli(finished_run, cifar_ro
     onnx = tmp_path / "m.onnx"
     result = run_cli("export", str(model), "--format", "onnx", "--out", str(onnx))
     assert result.returncode == 0, result.stderr
-    result = run_cli("bench", str(onnx), "--batch-size", "2", "--threads", "1", "--json",
-                     "--min-iters", "5", "--min-duration", "0")
+    result = run_cli(
+        "bench",
+        str(onnx),
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        "--min-iters",
+        "5",
+        "--min-duration",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     bench = json.loads(result.stdout)
-    assert BENCH_FIELDS <= bench.keys()
-    assert bench["threads"] == 1 and bench["batch_size"] == 2 and bench["p99_ms"] >= bench["p50_ms"] > 0
+    assert bench.keys() >= BENCH_FIELDS
+    assert (
+        bench["threads"] == 1
+        and bench["batch_size"] == 2
+        and bench["p99_ms"] >= bench["p50_ms"] > 0
+    )
 
 
 def test_killed_run_resumes_and_fresh_starts_over(tmp_path, small_recipe):
@@ -94,8 +122,9 @@ def test_killed_run_resumes_and_fresh_starts_over(tmp_path, small_recipe):
     path = write_recipe(tmp_path / "r.yaml", small_recipe)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "compress", "run", str(path), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = out / "01-distill" / "checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:

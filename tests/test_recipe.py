@@ -26,7 +26,11 @@ def _bad(tmp_path: Path, recipe: dict, *extra: str):
         (lambda r: r["stages"][1].update(temperature=0), "stages[1].temperature", "must be > 0"),
         (lambda r: r["data"].update(root="/no/such/folder"), "data.root", "not found"),
         (lambda r: r.update(student="resnet9000"), "student.model", "unknown model"),
-        (lambda r: r.update(teacher={"model": "timm:not_a_model"}), "teacher.model", "unknown timm"),
+        (
+            lambda r: r.update(teacher={"model": "timm:not_a_model"}),
+            "teacher.model",
+            "unknown timm",
+        ),
         (lambda r: r["stages"].append({"type": "sing"}), "stages[4].type", "unknown stage type"),
         (lambda r: r.update(speed=3), "speed", "unknown key"),
     ],
@@ -47,11 +51,17 @@ def test_overrides_are_validated_like_the_file(tmp_path, small_recipe):
     assert "stages.9" in err
 
 
-def test_paths_are_relative_to_the_recipe_and_env_is_interpolated(tmp_path, cifar_root, monkeypatch):
+def test_paths_are_relative_to_the_recipe_and_env_is_interpolated(
+    tmp_path, cifar_root, monkeypatch
+):
     monkeypatch.setenv("MY_DATA", str(cifar_root))
     recipe = parse_recipe(
-        {"name": "x", "data": {"root": "${MY_DATA}"}, "student": "cifar_resnet20",
-         "stages": [{"type": "eval"}]},
+        {
+            "name": "x",
+            "data": {"root": "${MY_DATA}"},
+            "student": "cifar_resnet20",
+            "stages": [{"type": "eval"}],
+        },
         base_dir=tmp_path,
     )
     assert recipe.data.root == cifar_root.resolve()

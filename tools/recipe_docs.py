@@ -82,7 +82,12 @@ def render() -> str:
         table(ModelConfig),
         "",
     ]
-    parts += ["## Stages", "", "Every stage has `type` and an optional `name` (its folder suffix).", ""]
+    parts += [
+        "## Stages",
+        "",
+        "Every stage has `type` and an optional `name` (its folder suffix).",
+        "",
+    ]
     for name, stage in STAGES.items():
         doc = typing.cast(str, stage.config.__doc__ or "").strip()
         parts += [f"### `{name}`", "", doc, "", table(stage.config, skip=("type", "name")), ""]

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 
 from compress.deploy.onnx_export import check_parity, export_onnx
+from compress.errors import StageFailed
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 
 
@@ -23,10 +24,6 @@ class ExportStage(StageConfig):
     atol: float = Field(1e-4, gt=0, description="Parity: allowed |onnx - torch| ...")
     rtol: float = Field(1e-3, ge=0, description="... plus rtol * |torch|, per logit.")
     parity_samples: int = Field(64, gt=0, description="Test images used for the parity check.")
-
-
-class ParityError(RuntimeError):
-    pass
 
 
 @register_stage("export", ExportStage)
@@ -53,7 +50,7 @@ def run(ctx: StageContext, cfg: ExportStage) -> StageResult:
         "size_bytes": path.stat().st_size,
     }
     if parity["max_abs_diff"] > allowed:
-        raise ParityError(
+        raise StageFailed(
             f"ONNX parity failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} > "
             f"{allowed:.3g} (atol {cfg.atol} + rtol {cfg.rtol} * max|logit| {scale:.3g}); "
             f"try dynamo: false in stages[{ctx.index}]"
