@@ -223,23 +223,33 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def render_pareto(report: dict[str, Any], path: Path) -> None:
-    """Top-1 against latency (if benched) and against size: one point per model."""
+    """Top-1 against latency (if benched) and against size: one point per model, one colour each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = [m for m in report.get("models", []) if m.get("top1") is not None]
-    has_latency = any(m.get("latency_ms") for m in models)
-    panels = [("size_bytes", "size (MiB)", 2**20)]
-    if has_latency:
-        panels.insert(0, ("latency_ms", "latency p50 (ms)", 1.0))
+    colours = {m["name"]: f"C{i}" for i, m in enumerate(models)}
+    panels = [("size_bytes", "size (MiB, fp32 state dict)", 2**20)]
+    benched = [m for m in models if m.get("latency_ms")]
+    if benched:
+        b = benched[0]
+        unit = f"latency p50 (ms, batch {b.get('latency_batch_size')}, {b.get('backend')})"
+        panels.insert(0, ("latency_ms", unit, 1.0))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    tops = [m["top1"] for m in models] or [0.0]
+    low, high = min(tops), max(tops)
+    pad = max(1.0, 0.15 * (high - low))
     for ax, (key, label, scale) in zip(axes[0], panels, strict=True):
-        pts = [(m[key] / scale, m["top1"], m["name"]) for m in models if m.get(key)]
-        for x, y, name in pts:
-            ax.scatter(x, y, s=40)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for m in models:
+            if not m.get(key):
+                continue
+            x, y = m[key] / scale, m["top1"]
+            ax.scatter(x, y, s=45, color=colours[m["name"]], zorder=3)
+            ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlim(left=0)
+        ax.set_ylim(low - pad, high + pad)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)

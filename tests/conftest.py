@@ -62,8 +62,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-@pytest.fixture()
-def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
+def small_recipe_for(cifar_root: Path, teacher_weights: Path) -> dict:
     """A few-second recipe: distil on 20 images per class, evaluate, export, bench."""
     return {
         "name": "small",
@@ -74,7 +73,7 @@ def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
             "test_limit_per_class": 10,
             "batch_size": 50,
         },
-        "teacher": {"model": "cifar_resnet56", "weights": str(resnet56_weights)},
+        "teacher": {"model": "cifar_resnet56", "weights": str(teacher_weights)},
         "student": "cifar_resnet20",
         "stages": [
             {"type": "eval", "name": "eval-initial"},
@@ -89,3 +88,8 @@ def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
             },
         ],
     }
+
+
+@pytest.fixture()
+def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
+    return small_recipe_for(cifar_root, resnet56_weights)

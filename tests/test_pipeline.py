@@ -10,7 +10,7 @@ import time
 import pytest
 
 from compress.io import read_json
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import run_cli, small_recipe_for, write_recipe
 
 BENCH_FIELDS = {
     "p50_ms",
@@ -27,23 +27,10 @@ BENCH_FIELDS = {
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cifar_root, resnet56_weights):
     tmp = tmp_path_factory.mktemp("run")
-    recipe = {
-        "name": "small",
-        "data": {
-            "root": str(cifar_root),
-            "limit_per_class": 20,
-            "test_limit_per_class": 10,
-            "batch_size": 50,
-        },
-        "teacher": {"model": "cifar_resnet56", "weights": str(resnet56_weights)},
-        "student": "cifar_resnet20",
-        "stages": [
-            {"type": "distill", "epochs": 1},
-            {"type": "eval"},
-            {"type": "export"},
-            {"type": "bench", "batch_sizes": [1, 4], "min_iters": 10, "min_duration_s": 0.1},
-        ],
-    }
+    recipe = small_recipe_for(cifar_root, resnet56_weights)
+    recipe["stages"] = recipe["stages"][1:]  # distill, export, bench
+    recipe["stages"][0]["epochs"] = 1
+    recipe["stages"].insert(1, {"type": "eval"})
     path = write_recipe(tmp / "r.yaml", recipe)
     result = run_cli("run", str(path), "--out", str(tmp / "out"))
     assert result.returncode == 0, result.stderr

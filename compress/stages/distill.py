@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from compress.io import atomic_path
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
-from compress.stages.train import train_loaders
-from compress.train.loop import TrainingConfig, fit
+from compress.stages.train import train_with
+from compress.train.loop import TrainingConfig
 from compress.train.objectives import DistillationObjective
 
 TEACHER_LOGITS = "teacher_logits.pt"
@@ -69,18 +69,6 @@ def run(ctx: StageContext, cfg: DistillStage) -> StageResult:
     objective = DistillationObjective(
         ctx.teacher, cfg.temperature, cfg.alpha, cfg.label_smoothing, teacher_logits=logits
     )
-    train, val = train_loaders(ctx, cfg)
-    metrics = fit(
-        ctx.model,
-        objective,
-        train,
-        val,
-        cfg,
-        ctx.device,
-        ctx.stage_dir,
-        ctx.dist,
-        desc=cfg.label,
-        seed=ctx.recipe.seed,
-    )
-    metrics["teacher_logits_cached"] = bool(cache)
-    return StageResult(model=ctx.model, spec=ctx.spec, metrics=metrics)
+    result = train_with(ctx, cfg, objective)
+    result.metrics["teacher_logits_cached"] = bool(cache)
+    return result

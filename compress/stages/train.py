@@ -31,10 +31,10 @@ def train_loaders(ctx: StageContext, cfg: TrainingConfig):
     return train, val
 
 
-@register_stage("train", TrainStage, makes_model=True)
-def run(ctx: StageContext, cfg: TrainStage) -> StageResult:
+def train_with(ctx: StageContext, cfg: TrainingConfig, objective) -> StageResult:
+    """Run the one training loop on the current model with `objective`; the model is the result."""
     train, val = train_loaders(ctx, cfg)
-    objective = CrossEntropyObjective(cfg.label_smoothing)
+    label = getattr(cfg, "label", "train")
     metrics = fit(
         ctx.model,
         objective,
@@ -44,7 +44,12 @@ def run(ctx: StageContext, cfg: TrainStage) -> StageResult:
         ctx.device,
         ctx.stage_dir,
         ctx.dist,
-        desc=cfg.label,
+        desc=label,
         seed=ctx.recipe.seed,
     )
     return StageResult(model=ctx.model, spec=ctx.spec, metrics=metrics)
+
+
+@register_stage("train", TrainStage, makes_model=True)
+def run(ctx: StageContext, cfg: TrainStage) -> StageResult:
+    return train_with(ctx, cfg, CrossEntropyObjective(cfg.label_smoothing))
