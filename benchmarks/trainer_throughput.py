@@ -68,7 +68,7 @@ def data_pass(data: ImageFolderData) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--per-class", type=int, default=300, help="train images per class")
+    p.add_argument("--per-class", type=int, default=600, help="train images per class")
     p.add_argument("--steps", type=int, default=40, help="training steps per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -87,8 +87,10 @@ def main() -> None:
     cache_ips = statistics.median(data_pass(cached) for _ in range(args.repeats))
     jpeg_ips = statistics.median(data_pass(uncached) for _ in range(args.repeats))
 
-    cfg = TrainingConfig(epochs=1, lr=0.05, max_steps_per_epoch=args.steps)
     loader = cached.loader("train", train=True)
+    if len(loader) < args.steps:
+        raise SystemExit(f"--per-class {args.per_class} gives {len(loader)} batches < --steps")
+    cfg = TrainingConfig(epochs=1, lr=0.05, max_steps_per_epoch=args.steps)
     plain, ours = [], []
     for r in range(args.repeats):
         torch.manual_seed(r)

@@ -72,6 +72,18 @@ def model_from_config(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, Mo
     return model, spec
 
 
+def model_identity(cfg: ModelConfig | None) -> Any:
+    """A model config plus the size and mtime of the files it reads, so a replaced file re-runs."""
+    if cfg is None:
+        return None
+    stamps = [
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in (cfg.weights, Path(cfg.model))
+        if p is not None and p.is_file()
+    ]
+    return [cfg.model_dump(mode="json"), stamps]
+
+
 def model_facts(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return {
@@ -128,16 +140,21 @@ class Pipeline:
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict[str, Any]:
+        """Run every stage not already finished; report.json says `failed` if one raises."""
+        try:
+            return self._run()
+        except BaseException as e:
+            self.report.fail(f"{type(e).__name__}: {e}")
+            self.report.write()
+            raise
+
+    def _run(self) -> dict[str, Any]:
         recipe, data = self.recipe, self.data
-        key = digest(
-            recipe.data.model_dump(mode="json"),
-            recipe.seed,
-            recipe.teacher and recipe.teacher.model_dump(mode="json"),
-            recipe.student_config().model_dump(mode="json"),
-        )
+        teacher_key = digest(recipe.data.model_dump(mode="json"), model_identity(recipe.teacher))
+        key = digest(teacher_key, recipe.seed, model_identity(recipe.student_config()))
         self.report.set_environment(self.device)
         if recipe.teacher is not None and self.dist.is_main:
-            self._teacher_entry(key)
+            self._teacher_entry(teacher_key)
         seed_everything(recipe.seed)
         model, spec = model_from_config(recipe.student_config(), data.num_classes)
         current = "student"

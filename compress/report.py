@@ -109,6 +109,11 @@ class RunReport:
 
     def finish(self) -> None:
         self.data["status"] = "complete"
+        self.data.pop("error", None)
+
+    def fail(self, error: str) -> None:
+        self.data["status"] = "failed"
+        self.data["error"] = error
 
     def write(self) -> None:
         """Save report.json (only in the process that writes artifacts)."""
