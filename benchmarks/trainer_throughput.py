@@ -68,9 +68,9 @@ def data_pass(data: ImageFolderData) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--per-class", type=int, default=600, help="train images per class")
-    p.add_argument("--steps", type=int, default=40, help="training steps per timed run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=1200, help="train images per class")
+    p.add_argument("--steps", type=int, default=80, help="training steps per timed run")
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     args = p.parse_args()
     root = require(SHARED / "data" / "cifar10")

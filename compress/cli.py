@@ -89,17 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    from compress.log import logger
     from compress.pipeline import Pipeline
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or Path("runs") / recipe.name
-    report = Pipeline(recipe, out, fresh=args.fresh).run()
-    if "RANK" not in __import__("os").environ or __import__("os").environ["RANK"] == "0":
-        print(f"run complete: {out}/report.json, {out}/report.md, {out}/pareto.png")
+    pipeline = Pipeline(recipe, out, fresh=args.fresh)
+    report = pipeline.run()
+    if pipeline.dist.is_main:
+        logger.info(f"run complete: {out}/report.json, {out}/report.md, {out}/pareto.png")
         for m in report["models"]:
             top1 = m.get("top1")
-            print(
+            logger.info(
                 f"  {m['name']:<16} top1 {'-' if top1 is None else f'{top1:.2f}%'}"
                 f"  params {m.get('params', 0):,}"
             )
@@ -220,6 +222,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from compress.log import setup_logging
+
+    setup_logging()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

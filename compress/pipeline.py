@@ -23,6 +23,7 @@ from compress.data import ImageFolderData
 from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.io import read_json, write_json, write_text
+from compress.log import logger, setup_logging
 from compress.models import ModelSpec, build_model, load_model, load_weights, save_model
 from compress.recipe import ModelConfig, Recipe
 from compress.report import RunReport
@@ -117,6 +118,7 @@ class Pipeline:
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / RUN_MARKER).touch()
+            setup_logging(out / "run.log")
             resolved = self.recipe.model_dump(mode="json", exclude_none=False)
             write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
         barrier(self.dist)
@@ -170,7 +172,7 @@ class Pipeline:
             state = self._finished_state(stage_dir, key)
             if state is not None:
                 if self.dist.is_main:
-                    print(f"[{index}] {cfg.label}: done earlier, skipped")
+                    logger.info(f"[{index}] {cfg.label}: done earlier, skipped")
                 if stage_type.makes_model:
                     model, spec = load_model(stage_dir / MODEL_FILE)
             else:
@@ -193,7 +195,7 @@ class Pipeline:
         path = self.out_dir / "teacher" / "metrics.json"
         cached = read_json(path) if path.is_file() else None
         if cached is None or cached.get("key") != key:
-            print("teacher: measuring on the test split")
+            logger.info("teacher: measuring on the test split")
             t0 = time.perf_counter()
             measured = self._measure(self.teacher(), "teacher")
             measured["wall_time_s"] = time.perf_counter() - t0
@@ -226,7 +228,7 @@ class Pipeline:
                 shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
             write_json(stage_dir / STAGE_STATE, {"key": key, "status": "running", "type": cfg.type})
-            print(f"[{index}] {cfg.label}: running")
+            logger.info(f"[{index}] {cfg.label}: running")
         barrier(self.dist)
         ctx = StageContext(
             recipe=self.recipe,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from compress.evaluation import evaluate
 from compress.io import atomic_path, write_text
+from compress.log import logger
 from compress.recipe import StrictModel
 from compress.train.distributed import DistInfo, all_reduce_sum, barrier
 
@@ -127,7 +128,7 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         history, start_epoch = state["history"], state["epoch"]
         if dist.is_main:
-            tqdm.write(f"{desc}: resuming after epoch {start_epoch}/{cfg.epochs}")
+            logger.info(f"{desc}: resuming after epoch {start_epoch}/{cfg.epochs}")
 
     net: nn.Module = model
     if dist.enabled:
@@ -210,7 +211,7 @@ def fit(
                 for k, v in record.items()
                 if k not in ("epoch", "lr", "epoch_time_s")
             )
-            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: {summary}")
+            logger.info(f"{desc} epoch {epoch + 1}/{cfg.epochs}: {summary}")
         barrier(dist)
 
     model.eval()
