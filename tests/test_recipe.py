@@ -64,7 +64,18 @@ def test_paths_are_relative_to_the_recipe_and_env_is_interpolated(
         },
         base_dir=tmp_path,
     )
-    assert recipe.data.root == cifar_root.resolve()
+    assert recipe.data.root.resolve() == cifar_root.resolve()
+    (tmp_path / "mydata").mkdir()
+    recipe = parse_recipe(
+        {
+            "name": "x",
+            "data": {"root": "mydata"},
+            "student": "cifar_resnet20",
+            "stages": [{"type": "eval"}],
+        },
+        base_dir=tmp_path,
+    )
+    assert recipe.data.root == (tmp_path / "mydata").resolve()
     with pytest.raises(Exception, match="environment variable NOPE_UNSET is not set"):
         parse_recipe({"name": "x", "data": {"root": "${NOPE_UNSET}"}, "stages": []})
 
