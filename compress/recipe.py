@@ -160,6 +160,13 @@ class Recipe(StrictModel):
             raise ValueError("set `teacher` or `student` (the model the stages start from)")
         if self.teacher is None and any(getattr(s, "needs_teacher", False) for s in self.stages):
             raise ValueError("a distill stage needs a `teacher`")
+        for i, stage in enumerate(self.stages):
+            needed = getattr(stage, "needs_earlier", ())
+            earlier = {s.type for s in self.stages[:i]}
+            if needed and not earlier & set(needed):
+                raise ValueError(
+                    f"stages[{i}] ({stage.type}) needs an earlier {' or '.join(needed)} stage"
+                )
         return self
 
     def student_config(self) -> ModelConfig:

@@ -80,6 +80,11 @@ def test_paths_are_relative_to_the_recipe_and_env_is_interpolated(
         parse_recipe({"name": "x", "data": {"root": "${NOPE_UNSET}"}, "stages": []})
 
 
+def test_bench_without_export_is_rejected(tmp_path, small_recipe):
+    del small_recipe["stages"][2]
+    assert "stages[2] (bench) needs an earlier export stage" in _bad(tmp_path, small_recipe)
+
+
 def test_distill_without_teacher_is_rejected(tmp_path, small_recipe):
     del small_recipe["teacher"]
     assert "needs a `teacher`" in _bad(tmp_path, small_recipe)

@@ -27,6 +27,7 @@ class StageConfig(StrictModel):
         None, pattern=r"^[A-Za-z0-9_.-]+$", description="Folder name suffix (default: the type)."
     )
     needs_teacher: ClassVar[bool] = False
+    needs_earlier: ClassVar[tuple[str, ...]] = ()  # stage types one of which must come before
 
     @property
     def label(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -17,6 +17,7 @@ class BenchStage(StageConfig):
     """Time the latest exported model (and the teacher, for comparison) at each batch size."""
 
     type: Literal["bench"] = "bench"
+    needs_earlier: ClassVar[tuple[str, ...]] = ("export",)
     backend: Literal["onnxruntime"] = Field("onnxruntime", description="Inference runtime.")
     batch_sizes: list[int] = Field([1], min_length=1, description="Batch sizes to time.")
     threads: int | None = Field(None, gt=0, description="Intra-op threads (default: all CPUs).")
