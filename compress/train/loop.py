@@ -26,6 +26,7 @@ from compress.io import atomic_path, write_text
 from compress.log import logger
 from compress.recipe import StrictModel
 from compress.train.distributed import DistInfo, all_reduce_sum, barrier
+from compress.train.hooks import TrainHooks
 
 Objective = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 CHECKPOINT = "checkpoint.pt"
@@ -103,8 +104,10 @@ def fit(
     dist: DistInfo,
     desc: str = "train",
     seed: int = 0,
+    hooks: TrainHooks | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place; resume from `stage_dir/checkpoint.pt` if present. Returns metrics."""
+    hooks = hooks or TrainHooks()
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
@@ -158,10 +161,12 @@ def fit(
                 break
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            hooks.before_forward(model)
             with _autocast(device, cfg.amp):
                 loss, logits = objective(net, images, labels, indices)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            hooks.before_step(model)
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -190,7 +195,8 @@ def fit(
         }
         if dist.is_main:
             if val_loader is not None:
-                val = evaluate(model, val_loader, device, desc="val")
+                with hooks.evaluation(model):
+                    val = evaluate(model, val_loader, device, desc="val")
                 record.update(val_top1=val["top1"], val_loss=val["loss"])
             history.append(record)
             with atomic_path(ckpt_path) as tmp:
@@ -214,6 +220,7 @@ def fit(
             logger.info(f"{desc} epoch {epoch + 1}/{cfg.epochs}: {summary}")
         barrier(dist)
 
+    hooks.on_train_end(model)
     model.eval()
     last = history[-1] if history else {}
     return {

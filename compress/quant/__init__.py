@@ -1,0 +1,1 @@
+"""Quantization: bucketed uniform quantizers, quantized distillation, size accounting."""

@@ -1,0 +1,52 @@
+"""Size accounting for quantized models, as Polino et al. count it.
+
+Quantized tensors cost their Huffman-coded level indices (one code pooled over the whole model) plus
+two fp32 scales per bucket; full-precision tensors cost 4 bytes a value. Codebooks are not counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+
+FP32_BITS = 32
+
+
+def huffman_code_lengths(frequencies: dict[int, int]) -> dict[int, int]:
+    """Code length in bits of each symbol of an optimal prefix code for these frequencies."""
+    symbols = [s for s, f in frequencies.items() if f > 0]
+    if len(symbols) <= 1:
+        return {s: 1 for s in symbols}
+    heap = [(frequencies[s], i, [s]) for i, s in enumerate(symbols)]
+    heapq.heapify(heap)
+    lengths = dict.fromkeys(symbols, 0)
+    counter = len(heap)
+    while len(heap) > 1:
+        f1, _, a = heapq.heappop(heap)
+        f2, _, b = heapq.heappop(heap)
+        for s in a + b:
+            lengths[s] += 1
+        heapq.heappush(heap, (f1 + f2, counter, a + b))
+        counter += 1
+    return lengths
+
+
+def huffman_mean_bits(index_tensors: Iterable) -> float:
+    """Mean Huffman code length (bits per value) of level indices pooled over all tensors."""
+    counts: Counter[int] = Counter()
+    for t in index_tensors:
+        values, freq = t.flatten().unique(return_counts=True)
+        counts.update(dict(zip(values.tolist(), freq.tolist(), strict=True)))
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    lengths = huffman_code_lengths(dict(counts))
+    return sum(counts[s] * lengths[s] for s in counts) / total
+
+
+def size_reduction(bits: int, bucket_size: int | None = 256, float_bits: int = FP32_BITS) -> float:
+    """FP32 size over quantized size before Huffman coding: k*f / (k*b + 2f) with buckets of k."""
+    if bucket_size is None:
+        return float_bits / bits
+    return bucket_size * float_bits / (bucket_size * bits + 2 * float_bits)

@@ -1,0 +1,146 @@
+"""Quantizers, the straight-through estimator, size accounting, and quantized distillation on real data."""
+
+import pytest
+import torch
+from torch import nn
+
+from compress.data import ImageFolderData
+from compress.evaluation import evaluate
+from compress.io import read_json
+from compress.models import ModelSpec, build_model, load_model, load_weights
+from compress.quant.size import huffman_code_lengths, huffman_mean_bits, size_reduction
+from compress.quant.uniform import bucketize, quantize_uniform
+from compress.quant.weights import WeightQuantizer, default_full_precision
+from compress.recipe import DataConfig
+from tests.conftest import run_cli, write_recipe
+
+
+def test_levels_and_bucket_scaling():
+    torch.manual_seed(0)
+    t = torch.randn(1000) * 3
+    q = quantize_uniform(t, bits=3, bucket_size=256)
+    deq = q.dequantize()
+    assert q.indices.shape == (4, 256) and deq.shape == t.shape
+    for raw, got in zip(bucketize(t, 256), bucketize(deq, 256), strict=True):
+        assert got.unique().numel() <= 8
+        assert torch.isclose(got.min(), raw.min()) and torch.isclose(got.max(), raw.max())
+        step = (raw.max() - raw.min()) / 7
+        assert (got - raw).abs().max() <= step / 2 + 1e-6
+
+
+def test_constant_tensor_and_partial_bucket():
+    t = torch.full((10, 3), 0.5)
+    torch.testing.assert_close(quantize_uniform(t, 2, bucket_size=7).dequantize(), t)
+
+
+def test_stochastic_rounding_is_unbiased():
+    t = torch.tensor([0.0, 1.0] + [0.3] * 98)  # levels 0, 1/3, 2/3, 1 for 2 bits
+    gen = torch.Generator().manual_seed(0)
+    runs = torch.stack(
+        [
+            quantize_uniform(t, 2, None, stochastic=True, generator=gen).dequantize()
+            for _ in range(2000)
+        ]
+    )
+    assert torch.allclose(runs[:, 2].unique(), torch.tensor([0.0, 1 / 3]))  # the two nearest levels
+    assert runs[:, 2:].mean().item() == pytest.approx(0.3, abs=0.005)
+
+
+def test_straight_through_gradient_reaches_full_precision_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(5, 3, 5, 5)
+    quantizer = WeightQuantizer(model, bits=2, bucket_size=16)
+    assert quantizer.names == ["1"]  # first conv and last linear stay full precision
+    fp = model[1].weight.detach().clone()
+
+    quantizer.before_forward(model)
+    quantized = model[1].weight.detach().clone()
+    model(x).square().sum().backward()
+    quantizer.before_step(model)
+    torch.testing.assert_close(model[1].weight.detach(), fp)  # shadow weights are back
+
+    reference = nn.Conv2d(4, 4, 3)
+    reference.load_state_dict(model[1].state_dict())
+    with torch.no_grad():
+        reference.weight.copy_(quantized)
+    out = model[2](reference(model[0](x)))
+    model[3](out).square().sum().backward()
+    torch.testing.assert_close(model[1].weight.grad, reference.weight.grad)
+
+
+def test_huffman_and_size_accounting_by_hand():
+    assert huffman_code_lengths({0: 5, 1: 2, 2: 1, 3: 1}) == {0: 1, 1: 2, 2: 3, 3: 3}
+    indices = torch.tensor([0] * 5 + [1] * 2 + [2, 3])
+    assert huffman_mean_bits([indices]) == pytest.approx(15 / 9)
+    assert size_reduction(8) == pytest.approx(3.88, abs=0.01)
+    assert size_reduction(4) == pytest.approx(7.53, abs=0.01)
+    assert size_reduction(2) == pytest.approx(14.2, abs=0.05)
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 512, 1, bias=False), nn.Linear(1, 1))
+    report = WeightQuantizer(model, bits=4, bucket_size=256).size_report(model)
+    # conv "1": 1024 weights in 4 buckets -> 64 bits/bucket of scales = 0.25 bits/weight extra.
+    assert report["quantized_params"] == 1024 and report["bits_per_weight"] == 4.25
+    fp_params = 2 * 1 + 2 + 1 + 1  # conv 0 (weight, bias), linear (weight, bias)
+    assert report["full_precision_params"] == fp_params
+    expected = fp_params * 4 + (1024 * report["huffman_bits_per_weight"]) / 8
+    assert report["quantized_size_bytes"] == round(expected)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("bits", 0, "bits: must be >= 1"),
+        ("bits", 33, "bits: must be <= 32"),
+        ("bucket_size", 0, "bucket_size: must be > 0"),
+        ("full_precision", "conv1", "full_precision: Input should be a valid list"),
+    ],
+)
+def test_bad_quantize_fields_exit_2(tmp_path, small_recipe, field, value, message):
+    small_recipe["stages"] = [{"type": "quantize", "epochs": 1, field: value}]
+    result = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", small_recipe)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"stages[0].{message}" in result.stderr
+
+
+def test_quantized_distillation_recovers_what_rounding_loses(
+    tmp_path, cifar_root, resnet56_weights, resnet20_weights
+):
+    """2-bit weights: rounding the pretrained ResNet-20 collapses it; 2 epochs of quantized
+    distillation (900 images per epoch, teacher logits cached) bring it back near full precision."""
+    data_cfg = {
+        "root": str(cifar_root),
+        "limit_per_class": 100,
+        "test_limit_per_class": 100,
+        "augment": "none",
+        "batch_size": 64,
+    }
+    student = build_model(ModelSpec("cifar_resnet20"))
+    load_weights(student, resnet20_weights)
+    data = ImageFolderData(DataConfig(**data_cfg))
+    rounder = WeightQuantizer(student, bits=2)
+    rounder.on_train_end(student)
+    rounded = evaluate(student, data.loader("test"), torch.device("cpu"))["top1"]
+
+    recipe = {
+        "name": "qd",
+        "data": data_cfg,
+        "teacher": {"model": "cifar_resnet56", "weights": str(resnet56_weights)},
+        "student": {"model": "cifar_resnet20", "weights": str(resnet20_weights)},
+        "stages": [{"type": "eval"}, {"type": "quantize", "bits": 2, "epochs": 2}],
+    }
+    out = tmp_path / "out"
+    result = run_cli("run", str(write_recipe(tmp_path / "r.yaml", recipe)), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    models = {m["name"]: m for m in read_json(out / "report.json")["models"]}
+    fp32, qd = models["student"]["top1"], models["01-quantize"]
+    assert qd["top1"] > rounded + 15, (rounded, qd["top1"])
+    assert qd["top1"] > fp32 - 10, (fp32, qd["top1"])
+    assert qd["bits_per_weight"] == pytest.approx(2.25)
+    assert qd["compression_ratio"] > 10
+
+    saved, _ = load_model(out / "01-quantize" / "model.safetensors")
+    layer = saved.layer2[0].conv1.weight
+    assert all(b.unique().numel() <= 4 for b in bucketize(layer, 256))  # saved weights are 2-bit
+    assert saved.conv1.weight.unique().numel() > 4  # the first conv stays full precision
+    assert default_full_precision(saved) == ["conv1", "linear"]
