@@ -8,7 +8,12 @@ from compress.data import ImageFolderData
 from compress.evaluation import evaluate
 from compress.io import read_json
 from compress.models import ModelSpec, build_model, load_model, load_weights
-from compress.quant.size import huffman_code_lengths, huffman_mean_bits, size_reduction
+from compress.quant.size import (
+    huffman_code_lengths,
+    huffman_mean_bits,
+    size_reduction,
+    size_report,
+)
 from compress.quant.uniform import bucketize, quantize_uniform
 from compress.quant.weights import WeightQuantizer, default_full_precision
 from compress.recipe import DataConfig
@@ -78,7 +83,7 @@ def test_huffman_and_size_accounting_by_hand():
     assert size_reduction(2) == pytest.approx(14.2, abs=0.05)
 
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 512, 1, bias=False), nn.Linear(1, 1))
-    report = WeightQuantizer(model, bits=4, bucket_size=256).size_report(model)
+    report = size_report(model, WeightQuantizer(model, bits=4, bucket_size=256).codes())
     # conv "1": 1024 weights in 4 buckets -> 64 bits/bucket of scales = 0.25 bits/weight extra.
     assert report["quantized_params"] == 1024 and report["bits_per_weight"] == 4.25
     fp_params = 2 * 1 + 2 + 1 + 1  # conv 0 (weight, bias), linear (weight, bias)

@@ -158,5 +158,10 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
         raise InputError(f"{path}: no model spec in its metadata (was it saved by compress?)")
     spec = ModelSpec.from_dict(json.loads(meta[SPEC_METADATA_KEY]))
     model = build_model(spec)
-    load_weights(model, path)
+    from compress.quant.compact import CODES_METADATA_KEY, compact_state_dict
+
+    if CODES_METADATA_KEY in meta:  # a quantized model in coded form
+        model.load_state_dict(compact_state_dict(path))
+    else:
+        load_weights(model, path)
     return model, spec

@@ -9,6 +9,11 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from compress.quant.uniform import Quantized
 
 FP32_BITS = 32
 
@@ -50,3 +55,29 @@ def size_reduction(bits: int, bucket_size: int | None = 256, float_bits: int = F
     if bucket_size is None:
         return float_bits / bits
     return bucket_size * float_bits / (bucket_size * bits + 2 * float_bits)
+
+
+def size_report(model: nn.Module, codes: dict[str, Quantized]) -> dict[str, Any]:
+    """Bits per weight and model size as Polino et al. count them (parameters; fp32 elsewhere).
+
+    `bits_per_weight` is the fixed-length index width plus the bucket scales' share;
+    `huffman_bits_per_weight` replaces the width by the mean Huffman code length pooled over the
+    model; `quantized_size_bytes` uses the Huffman figure. Codebooks are counted when learned.
+    """
+    n_quant = sum(q.shape.numel() for q in codes.values())
+    index_bits = sum(max(1, (q.levels - 1).bit_length()) * q.shape.numel() for q in codes.values())
+    scale_bits = sum(2 * FP32_BITS * q.indices.shape[0] for q in codes.values())
+    codebook_bits = sum(FP32_BITS * q.levels for q in codes.values() if q.points is not None)
+    extra = scale_bits + codebook_bits
+    huffman = huffman_mean_bits(q.indices.flatten()[: q.shape.numel()] for q in codes.values())
+    n_total = sum(p.numel() for p in model.parameters())
+    size = (n_total - n_quant) * 4 + (n_quant * huffman + extra) / 8
+    return {
+        "quantized_params": n_quant,
+        "full_precision_params": n_total - n_quant,
+        "bits_per_weight": (index_bits + extra) / max(n_quant, 1),
+        "huffman_bits_per_weight": huffman + extra / max(n_quant, 1),
+        "quantized_size_bytes": round(size),
+        "fp32_size_bytes": n_total * 4,
+        "compression_ratio": n_total * 4 / size,
+    }

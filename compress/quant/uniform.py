@@ -22,8 +22,15 @@ class Quantized:
     levels: int
     shape: torch.Size
 
+    points: torch.Tensor | None = None  # (levels,) codebook in [0, 1]; None = evenly spaced
+
+    def codebook(self) -> torch.Tensor:
+        if self.points is not None:
+            return self.points
+        return torch.arange(self.levels, dtype=self.alpha.dtype) / (self.levels - 1)
+
     def dequantize(self) -> torch.Tensor:
-        values = self.indices.to(self.alpha.dtype) / (self.levels - 1) * self.alpha + self.beta
+        values = self.codebook().to(self.alpha.device)[self.indices] * self.alpha + self.beta
         return values.flatten()[: self.shape.numel()].view(self.shape)
 
 
@@ -34,6 +41,13 @@ def bucketize(t: torch.Tensor, bucket_size: int) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat[-1:].expand(pad)])
     return flat.view(-1, bucket_size)
+
+
+def bucket_scales(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket (alpha, beta) of 'linear' scaling: range and minimum; a ~0 range becomes 1."""
+    beta = buckets.min(dim=1, keepdim=True).values
+    alpha = buckets.max(dim=1, keepdim=True).values - beta
+    return torch.where(alpha < 1e-10, torch.ones_like(alpha), alpha), beta
 
 
 def quantize_uniform(
@@ -48,9 +62,7 @@ def quantize_uniform(
         raise ValueError(f"bits must be in 1..32, got {bits}")
     levels = 2**bits
     buckets = bucketize(t, bucket_size or t.numel()).float()
-    beta = buckets.min(dim=1, keepdim=True).values
-    alpha = buckets.max(dim=1, keepdim=True).values - beta
-    alpha = torch.where(alpha < 1e-10, torch.ones_like(alpha), alpha)
+    alpha, beta = bucket_scales(buckets)
     scaled = (buckets - beta) / alpha * (levels - 1)
     if stochastic:
         floor = scaled.floor()

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
-from compress.quant.size import FP32_BITS, huffman_mean_bits
-from compress.quant.uniform import quantize_uniform
+from compress.quant.uniform import Quantized, quantize_uniform
 from compress.train.hooks import TrainHooks
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -32,6 +30,20 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
+def select_layers(
+    model: nn.Module, full_precision: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """(layers to quantize, layers kept in full precision); ValueError for unknown names."""
+    layers = quantizable_layers(model)
+    keep = default_full_precision(model) if full_precision is None else list(full_precision)
+    unknown = sorted(set(keep) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"not conv/linear layers of the model: {unknown} (layers: {layers[:8]}...)"
+        )
+    return [n for n in layers if n not in keep], keep
+
+
 class WeightQuantizer(TrainHooks):
     """Quantizes the weights of every conv/linear layer except `full_precision` ones."""
 
@@ -44,19 +56,11 @@ class WeightQuantizer(TrainHooks):
         full_precision: list[str] | None = None,
     ):
         self.bits, self.bucket_size, self.stochastic = bits, bucket_size, stochastic
-        layers = quantizable_layers(model)
-        self.full_precision = (
-            default_full_precision(model) if full_precision is None else list(full_precision)
-        )
-        unknown = sorted(set(self.full_precision) - set(layers))
-        if unknown:
-            raise ValueError(
-                f"not conv/linear layers of the model: {unknown} (layers: {layers[:8]}...)"
-            )
+        self.names, self.full_precision = select_layers(model, full_precision)
         modules = dict(model.named_modules())
-        self.names = [n for n in layers if n not in self.full_precision]
         self._modules = {n: modules[n] for n in self.names}
         self._saved: dict[str, torch.Tensor] = {}
+        self._final: dict[str, Quantized] | None = None
 
     def _weights(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, module in self._modules.items():
@@ -93,31 +97,19 @@ class WeightQuantizer(TrainHooks):
 
     def on_train_end(self, model: nn.Module) -> None:
         """Leave the model quantized (deterministic rounding): what is saved is what is measured."""
-        self.quantize_()
+        self._final = self.codes()
+        with torch.no_grad():
+            for name, w in self._weights():
+                w.copy_(self._final[f"{name}.weight"].dequantize().to(w.dtype))
         self._saved.clear()
 
-    def size_report(self, model: nn.Module) -> dict[str, Any]:
-        """Bits per weight and size as Polino et al. count them (parameters only, fp32 elsewhere)."""
-        indices, n_quant, n_buckets = [], 0, 0
-        for _, w in self._weights():
-            q = quantize_uniform(w.detach(), self.bits, self.bucket_size)
-            indices.append(q.indices.flatten()[: w.numel()])
-            n_quant += w.numel()
-            n_buckets += q.indices.shape[0]
-        n_total = sum(p.numel() for p in model.parameters())
-        huffman = huffman_mean_bits(indices)
-        scale_bits = 2 * FP32_BITS * n_buckets
-        quant_bytes = (n_quant * huffman + scale_bits) / 8
-        size = (n_total - n_quant) * 4 + quant_bytes
+    def codes(self) -> dict[str, Quantized]:
+        """Level indices and scales of each quantized weight (`<layer>.weight`)."""
+        if self._final is not None:
+            return self._final
         return {
-            "bits": self.bits,
-            "bucket_size": self.bucket_size,
-            "full_precision_layers": self.full_precision,
-            "quantized_params": n_quant,
-            "full_precision_params": n_total - n_quant,
-            "bits_per_weight": self.bits + scale_bits / max(n_quant, 1),
-            "huffman_bits_per_weight": huffman + scale_bits / max(n_quant, 1),
-            "quantized_size_bytes": round(size),
-            "fp32_size_bytes": n_total * 4,
-            "compression_ratio": n_total * 4 / size,
+            f"{name}.weight": quantize_uniform(
+                self._saved.get(name, w.detach()), self.bits, self.bucket_size
+            )
+            for name, w in self._weights()
         }

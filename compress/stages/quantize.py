@@ -1,28 +1,44 @@
-"""`quantize`: quantized distillation (Polino et al. 2018) of the current model from the teacher.
+"""`quantize`: quantized distillation and differentiable quantization (Polino et al. 2018).
 
-The weights of every conv/linear layer but the full-precision ones are quantized to `bits` uniform
-levels per bucket on each forward pass; the optimiser updates full-precision shadow weights with the
-straight-through gradient; the loss is KD against the fixed teacher (the paper's code: T 2, alpha 0.7).
+- quantized_distillation: the weights of every conv/linear layer but the full-precision ones are
+  quantized to `bits` uniform levels per bucket on each forward pass; the optimiser updates
+  full-precision shadow weights with the straight-through gradient.
+- differentiable_quantization: the weights stay fixed; per tensor, 2**bits points (in each bucket's
+  [min, max] scale) are learned by SGD, each weight taking its nearest point; with `bit_budget`,
+  tensors with larger gradient norms get more points (the total is unchanged).
+Both train on KD against the fixed teacher (the paper's code: T 2, alpha 0.7).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import copy
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.errors import InputError
-from compress.quant.weights import WeightQuantizer
+from compress.quant.compact import save_compact
+from compress.quant.points import PointQuantizer, assign_points, gradient_norms
+from compress.quant.size import size_report
+from compress.quant.weights import WeightQuantizer, select_layers
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
-from compress.stages.training import DistillationConfig, distillation_objective, train_with
+from compress.stages.training import (
+    DistillationConfig,
+    distillation_objective,
+    train_loaders,
+    train_with,
+)
 from compress.train.loop import TrainingConfig
+from compress.train.objectives import DistillationObjective
+
+COMPACT_FILE = "model.compact.safetensors"
 
 
 class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
-    """Quantized distillation: b-bit bucketed uniform weights trained against the teacher."""
+    """Quantize the current model's conv/linear weights while distilling from the teacher."""
 
     type: Literal["quantize"] = "quantize"
-    method: Literal["quantized_distillation"] = Field(
+    method: Literal["quantized_distillation", "differentiable_quantization"] = Field(
         "quantized_distillation", description="Quantization method."
     )
     bits: int = Field(4, ge=1, le=32, description="Bits per quantized weight: 2**bits levels.")
@@ -30,37 +46,99 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
         256, gt=0, description="Values sharing one (min, max) scale; null = one per tensor."
     )
     stochastic_rounding: bool = Field(
-        False, description="Round stochastically in training forwards (deterministic at the end)."
+        False, description="quantized_distillation: round stochastically in training forwards."
     )
     full_precision: list[str] | None = Field(
         None, description="Layers kept in fp32 (module names); default: first conv, last linear."
     )
+    points_init: Literal["quantiles", "uniform"] = Field(
+        "quantiles", description="differentiable_quantization: initial points."
+    )
+    bit_budget: bool = Field(
+        False, description="differentiable_quantization: share points by gradient norm."
+    )
+    distill_from: Literal["teacher", "input"] = Field(
+        "teacher",
+        description="KD target: the recipe's teacher, or the unquantized input model "
+        "(what the paper's differentiable quantization code does).",
+    )
     temperature: float = Field(2.0, gt=0, description="Softmax temperature T (paper's code: 2).")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term (paper's code: 0.7).")
-    lr: float = Field(0.01, gt=0, description="Peak learning rate (fine-tuning a trained model).")
-    needs_teacher: ClassVar[bool] = True
+    lr: float = Field(
+        0.01,
+        gt=0,
+        description="Peak learning rate of the weights (quantized_distillation) or of the points "
+        "(differentiable_quantization, where it defaults to 1e-4).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _points_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "differentiable_quantization":
+            data = {"lr": 1e-4, **data}
+        return data
+
+    @property
+    def needs_teacher(self) -> bool:  # type: ignore[override]
+        return self.distill_from == "teacher"
+
+
+def _objective(ctx: StageContext, cfg: QuantizeStage):
+    if cfg.distill_from == "teacher":
+        return distillation_objective(ctx, cfg, cfg.label_smoothing)
+    reference = copy.deepcopy(ctx.model).to(ctx.device).eval().requires_grad_(False)
+    return DistillationObjective(reference, cfg.temperature, cfg.alpha, cfg.label_smoothing), False
 
 
 @register_stage("quantize", QuantizeStage, makes_model=True)
 def run(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
     try:
-        quantizer = WeightQuantizer(
-            ctx.model, cfg.bits, cfg.bucket_size, cfg.stochastic_rounding, cfg.full_precision
-        )
+        names, keep = select_layers(ctx.model, cfg.full_precision)
     except ValueError as e:
         raise InputError(f"stages[{ctx.index}].full_precision: {e}") from None
-    objective, cached = distillation_objective(ctx, cfg, cfg.label_smoothing)
-    result = train_with(ctx, cfg, objective, hooks=quantizer)
-    size = quantizer.size_report(ctx.model)
-    result.metrics.update(size, method=cfg.method, teacher_logits_cached=cached)
-    result.model_metrics = {
-        k: size[k]
-        for k in (
-            "bits",
-            "bits_per_weight",
-            "huffman_bits_per_weight",
-            "quantized_size_bytes",
-            "compression_ratio",
+    objective, cached = _objective(ctx, cfg)
+    points = None
+    if cfg.method == "quantized_distillation":
+        hooks = WeightQuantizer(
+            ctx.model, cfg.bits, cfg.bucket_size, cfg.stochastic_rounding, cfg.full_precision
         )
+    else:
+        points = [2**cfg.bits] * len(names)
+        if cfg.bit_budget:
+            loader = train_loaders(ctx, cfg)[0]
+            points = assign_points(
+                gradient_norms(ctx.model, loader, names, ctx.device), 2**cfg.bits
+            )
+        hooks = PointQuantizer(ctx.model, points, names, cfg.bucket_size, cfg.points_init)
+    result = train_with(ctx, cfg, objective, hooks=hooks)
+    codes = hooks.codes()
+    size = size_report(ctx.model, codes)
+    compact = ctx.stage_dir / COMPACT_FILE
+    if ctx.dist.is_main:
+        save_compact(ctx.model, ctx.spec, codes, compact)
+        size["compact_bytes"] = compact.stat().st_size
+        result.artifacts["compact"] = str(compact)
+    result.metrics.update(
+        size,
+        method=cfg.method,
+        bits=cfg.bits,
+        bucket_size=cfg.bucket_size,
+        full_precision_layers=keep,
+        points_per_tensor=dict(zip(names, points, strict=True)) if points else None,
+        teacher_logits_cached=cached,
+    )
+    result.model_metrics = {
+        "quantization": cfg.method,
+        "bits": cfg.bits,
+        **{
+            k: size.get(k)
+            for k in (
+                "bits_per_weight",
+                "huffman_bits_per_weight",
+                "quantized_size_bytes",
+                "compression_ratio",
+                "compact_bytes",
+            )
+        },
     }
     return result
