@@ -211,6 +211,26 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['std_ms']:.3f} | {r['throughput_ips']:.1f} |"
             )
         lines.append("")
+    quantized = [m for m in report["models"] if m.get("bits") is not None]
+    if quantized:
+        lines += [
+            "## Quantization",
+            "",
+            "Bits per weight count the bucket scales (and learned codebooks); the Huffman size is "
+            "Polino et al.'s accounting, not a file; the compact file is what is written.",
+            "",
+            "| model | method | bits | bits/weight | Huffman bits/weight | Huffman size | "
+            "compact file | fp32 / Huffman size |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for m in quantized:
+            lines.append(
+                f"| {m['name']} | {m.get('quantization')} | {m['bits']} | "
+                f"{m['bits_per_weight']:.3f} | {m['huffman_bits_per_weight']:.3f} | "
+                f"{_fmt(m['quantized_size_bytes'], 'bytes')} | "
+                f"{_fmt(m.get('compact_bytes'), 'bytes')} | {m['compression_ratio']:.1f}x |"
+            )
+        lines.append("")
     lines += [
         "## Stages",
         "",

@@ -149,3 +149,95 @@ def test_quantized_distillation_recovers_what_rounding_loses(
     assert all(b.unique().numel() <= 4 for b in bucketize(layer, 256))  # saved weights are 2-bit
     assert saved.conv1.weight.unique().numel() > 4  # the first conv stays full precision
     assert default_full_precision(saved) == ["conv1", "linear"]
+
+    compact = out / "01-quantize" / "model.compact.safetensors"
+    coded, _ = load_model(compact)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(coded.eval()(x), saved.eval()(x))
+    assert qd["compact_bytes"] == compact.stat().st_size < qd["size_bytes"] / 5
+
+
+def _cifar_batch(cifar_root, n_per_class=6):
+    data = ImageFolderData(DataConfig(root=cifar_root, test_limit_per_class=n_per_class))
+    return next(iter(data.loader("test", batch_size=10 * n_per_class)))
+
+
+def test_learned_points_stay_sorted_and_reduce_the_distillation_loss(cifar_root, resnet20_weights):
+    from compress.quant.points import PointQuantizer
+    from compress.quant.weights import select_layers
+    from compress.train.objectives import kd_loss
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cifar_resnet20"))
+    load_weights(model, resnet20_weights)
+    images, labels, _ = _cifar_batch(cifar_root)
+    with torch.no_grad():
+        teacher_logits = model.eval()(images)
+    names, _ = select_layers(model, None)
+    hooks = PointQuantizer(model, [4] * len(names), names, 256, "quantiles")
+    model.eval()  # fixed BN statistics: only the points change the loss
+    points = [p for p in model.parameters() if p.requires_grad]
+    assert len(points) == len(names) and all(p.numel() == 4 for p in points)
+    opt = torch.optim.SGD(points, lr=1e-5, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        hooks.before_forward(model)
+        loss = kd_loss(model(images), teacher_logits, labels, 2.0, 0.7)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    hooks.before_forward(model)
+    assert all(bool((p[1:] >= p[:-1]).all()) for p in points)
+    assert min(losses[-3:]) < losses[0] * 0.9, losses
+    weights_before = dict(model.named_parameters())[
+        "layer1.0.conv1.parametrizations.weight.original"
+    ]
+    assert not weights_before.requires_grad  # the weights themselves never train
+
+
+def test_point_budget_follows_gradient_norms():
+    from compress.quant.points import assign_points
+
+    counts = assign_points([1.0, 3.0, 0.0, 4.0], 16)
+    assert sum(counts) == 64 and min(counts) >= 8
+    assert counts[3] > counts[1] > counts[0] >= counts[2]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 7, 8, 10])
+def test_index_packing_roundtrip(bits):
+    from compress.quant.compact import pack_indices, unpack_indices
+
+    idx = torch.randint(0, 2**bits, (1001,))
+    packed = pack_indices(idx, bits)
+    if bits <= 8:
+        assert packed.numel() == (1001 * bits + 7) // 8
+    torch.testing.assert_close(unpack_indices(packed, bits, 1001), idx)
+
+
+def test_compact_file_reloads_the_quantized_model_exactly(tmp_path, resnet20_weights):
+    from compress.models import save_model
+    from compress.quant.compact import save_compact
+    from compress.quant.points import PointQuantizer
+    from compress.quant.weights import select_layers
+
+    x = torch.randn(4, 3, 32, 32)
+    for method in ("uniform", "points"):
+        spec = ModelSpec("cifar_resnet20", {"num_classes": 10})
+        model = build_model(spec)
+        load_weights(model, resnet20_weights)
+        if method == "uniform":
+            hooks = WeightQuantizer(model, bits=3)
+        else:
+            names, _ = select_layers(model, None)
+            hooks = PointQuantizer(model, [8] * len(names), names, 256, "quantiles")
+        hooks.on_train_end(model)
+        codes = hooks.codes()
+        path = save_compact(model, spec, codes, tmp_path / f"{method}.compact.safetensors")
+        reloaded, reloaded_spec = load_model(path)
+        assert reloaded_spec == spec
+        with torch.no_grad():
+            assert torch.equal(reloaded.eval()(x), model.eval()(x)), method
+        fp32 = save_model(model, spec, tmp_path / f"{method}.safetensors")
+        assert path.stat().st_size < fp32.stat().st_size / 5
