@@ -158,6 +158,8 @@ class Recipe(StrictModel):
     def _needs_a_model(self) -> Recipe:
         if self.teacher is None and self.student is None:
             raise ValueError("set `teacher` or `student` (the model the stages start from)")
+        if not all(isinstance(s, BaseModel) for s in self.stages):
+            return self  # a stage entry is invalid: its own errors are reported instead
         if self.teacher is None and any(getattr(s, "needs_teacher", False) for s in self.stages):
             raise ValueError("a distill stage needs a `teacher`")
         for i, stage in enumerate(self.stages):
