@@ -237,13 +237,14 @@ class ImageFolderData:
     ) -> DataLoader:
         cfg = self.cfg
         dataset = self.dataset(split, train)
+        batch_size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
-            batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),
+            batch_size=batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            drop_last=train and len(dataset) > (batch_size or cfg.batch_size),
+            drop_last=train and len(dataset) > batch_size,  # no tiny last batch in training
             num_workers=cfg.num_workers,
             collate_fn=NormalizeCollate(tuple(cfg.mean), tuple(cfg.std)),
             generator=generator,

@@ -218,13 +218,9 @@ class Pipeline:
     def _run_stage(self, index, cfg, stage_dir, key, model, spec, artifacts):
         stage_type = STAGES[cfg.type]
         if self.dist.is_main:
-            previous = (
-                read_json(stage_dir / STAGE_STATE) if (stage_dir / STAGE_STATE).is_file() else {}
-            )
-            if previous.get("key") not in (
-                None,
-                key,
-            ):  # config or input changed: start the stage over
+            state_path = stage_dir / STAGE_STATE
+            previous_key = read_json(state_path).get("key") if state_path.is_file() else None
+            if previous_key not in (None, key):  # its config or input changed: start it over
                 shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
             write_json(stage_dir / STAGE_STATE, {"key": key, "status": "running", "type": cfg.type})

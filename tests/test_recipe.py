@@ -54,28 +54,20 @@ def test_overrides_are_validated_like_the_file(tmp_path, small_recipe):
 def test_paths_are_relative_to_the_recipe_and_env_is_interpolated(
     tmp_path, cifar_root, monkeypatch
 ):
+    def root_of(data_root: str):
+        recipe = {
+            "name": "x",
+            "data": {"root": data_root},
+            "student": "cifar_resnet20",
+            "stages": [{"type": "eval"}],
+        }
+        return parse_recipe(recipe, base_dir=tmp_path).data.root
+
     monkeypatch.setenv("MY_DATA", str(cifar_root))
-    recipe = parse_recipe(
-        {
-            "name": "x",
-            "data": {"root": "${MY_DATA}"},
-            "student": "cifar_resnet20",
-            "stages": [{"type": "eval"}],
-        },
-        base_dir=tmp_path,
-    )
-    assert recipe.data.root.resolve() == cifar_root.resolve()
+    assert root_of("${MY_DATA}").resolve() == cifar_root.resolve()
     (tmp_path / "mydata").mkdir()
-    recipe = parse_recipe(
-        {
-            "name": "x",
-            "data": {"root": "mydata"},
-            "student": "cifar_resnet20",
-            "stages": [{"type": "eval"}],
-        },
-        base_dir=tmp_path,
-    )
-    assert recipe.data.root == (tmp_path / "mydata").resolve()
+    assert root_of("mydata") == (tmp_path / "mydata").resolve()
+    assert root_of("${UNSET_VAR_X:-mydata}") == (tmp_path / "mydata").resolve()
     with pytest.raises(Exception, match="environment variable NOPE_UNSET is not set"):
         parse_recipe({"name": "x", "data": {"root": "${NOPE_UNSET}"}, "stages": []})
 
