@@ -63,6 +63,9 @@ class RunReport:
             "models": [],
             "stages": [],
         }
+        previous = self.run_dir / REPORT_JSON
+        if previous.is_file():  # a resumed run keeps its first start time
+            self.data["started"] = read_json(previous).get("started", self.data["started"])
 
     def set_environment(self, device: torch.device) -> None:
         self.data["environment"] = environment(device)

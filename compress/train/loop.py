@@ -149,6 +149,7 @@ def fit(
         net.train()
         loss_sum = correct = seen = 0.0
         t0 = time.perf_counter()
+        quarter = max(1, steps_per_epoch // 4)
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"{desc} {epoch + 1}/{cfg.epochs}",
@@ -179,9 +180,23 @@ def fit(
             seen += n
             rate = seen * dist.world_size / (time.perf_counter() - t0)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", ips=f"{rate:.0f}"
-            )
+            progress = {
+                "loss": f"{loss_sum / seen:.3f}",
+                "acc": f"{100 * correct / seen:.1f}",
+                "ips": f"{rate:.0f}",
+            }
+            bar.set_postfix(progress)
+            if (
+                bar.disable
+                and dist.is_main
+                and (step + 1) % quarter == 0
+                and step + 1 < steps_per_epoch  # the epoch summary follows the last step
+            ):
+                # No terminal (CI, nohup): a line every quarter epoch instead of a bar.
+                logger.info(
+                    f"{desc} {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch}: "
+                    + ", ".join(f"{k} {v}" for k, v in progress.items())
+                )
         bar.close()
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen = all_reduce_sum(dist, [loss_sum, correct, seen], device)
