@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int)
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--min-iters", type=int, default=100)
-    b.add_argument("--min-duration", type=float, default=2.0, help="seconds")
+    b.add_argument("--min-duration", type=float, default=2.0, help="seconds per run")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs; statistics are medians")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     rp = sub.add_parser("report", help="render report.md and pareto.png of a run folder")
@@ -186,17 +187,24 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from compress.deploy.bench import bench_onnxruntime
 
-    if args.batch_size <= 0:
-        raise InputError("--batch-size: must be > 0")
+    for flag in ("batch_size", "repeats", "min_iters"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag.replace('_', '-')}: must be > 0")
     result = bench_onnxruntime(
-        args.onnx, args.batch_size, args.threads, args.warmup, args.min_iters, args.min_duration
+        args.onnx,
+        args.batch_size,
+        args.threads,
+        args.warmup,
+        args.min_iters,
+        args.min_duration,
+        args.repeats,
     )
     if args.json:
         print(json.dumps(result))
     else:
         print(
             f"{args.onnx} batch {result['batch_size']}, {result['threads']} threads, "
-            f"{result['iterations']} runs: p50 {result['p50_ms']:.3f} ms, p90 "
+            f"{result['iterations']} calls in {result['repeats']} runs (medians): p50 {result['p50_ms']:.3f} ms, p90 "
             f"{result['p90_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms, "
             f"{result['throughput_ips']:.1f} images/s"
         )

@@ -92,6 +92,8 @@ def test_saved_student_evaluates_and_exports_from_the_cli(finished_run, cifar_ro
         "5",
         "--min-duration",
         "0",
+        "--repeats",
+        "2",
     )
     assert result.returncode == 0, result.stderr
     bench = json.loads(result.stdout)

@@ -23,7 +23,8 @@ class BenchStage(StageConfig):
     threads: int | None = Field(None, gt=0, description="Intra-op threads (default: all CPUs).")
     warmup: int = Field(10, ge=0, description="Untimed runs first.")
     min_iters: int = Field(100, gt=0, description="At least this many timed runs ...")
-    min_duration_s: float = Field(2.0, ge=0, description="... and at least this many seconds.")
+    min_duration_s: float = Field(2.0, ge=0, description="... and at least this many seconds ...")
+    repeats: int = Field(3, gt=0, description="... per run; each statistic is the median of runs.")
     teacher: bool = Field(
         True, description="Also export and time the teacher, for the report's latency ratio."
     )
@@ -38,7 +39,9 @@ class BenchStage(StageConfig):
 
 def _bench_all(path: str | Path, cfg: BenchStage) -> list[dict]:
     return [
-        bench_onnxruntime(path, b, cfg.threads, cfg.warmup, cfg.min_iters, cfg.min_duration_s)
+        bench_onnxruntime(
+            path, b, cfg.threads, cfg.warmup, cfg.min_iters, cfg.min_duration_s, cfg.repeats
+        )
         for b in cfg.batch_sizes
     ]
 
