@@ -121,20 +121,9 @@ def cmd_validate(args) -> int:
 
 
 def _cli_model(spec_text: str, weights: Path | None, num_classes: int | None):
-    from compress.models import ModelSpec, build_model, check_spec, load_model, load_weights
+    from compress.models import create_model
 
-    try:
-        check_spec(spec_text)
-    except ValueError as e:
-        raise InputError(f"MODEL: {e}") from None
-    if spec_text.endswith(".safetensors") or Path(spec_text).is_file():
-        model, _ = load_model(Path(spec_text))
-    else:
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = build_model(ModelSpec(spec_text, kwargs))
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
+    return create_model(spec_text, weights=weights, num_classes=num_classes)[0].eval()
 
 
 def cmd_eval(args) -> int:

@@ -24,8 +24,6 @@ from tqdm import tqdm
 from compress.errors import InputError
 from compress.recipe import DataConfig
 
-SPLITS = ("train", "val", "test")
-
 
 def decode_image(path: str, resize: int | None) -> torch.Tensor:
     """Read any image file as RGB uint8 CHW, its shorter side resized to `resize` if given."""
@@ -224,6 +222,10 @@ class ImageFolderData:
     def deterministic_train_transform(self) -> bool:
         return self.cfg.augment == "none"
 
+    @property
+    def collate(self) -> NormalizeCollate:
+        return NormalizeCollate(tuple(self.cfg.mean), tuple(self.cfg.std))
+
     def dataset(self, split: str, train: bool = False) -> ImageDataset:
         labels = [label for _, label in self.samples(split)]
         return ImageDataset(self.source(split), labels, self.transform(train))
@@ -246,7 +248,7 @@ class ImageFolderData:
             sampler=sampler,
             drop_last=train and len(dataset) > batch_size,  # no tiny last batch in training
             num_workers=cfg.num_workers,
-            collate_fn=NormalizeCollate(tuple(cfg.mean), tuple(cfg.std)),
+            collate_fn=self.collate,
             generator=generator,
             persistent_workers=cfg.num_workers > 0,
         )

@@ -24,7 +24,7 @@ from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.io import read_json, write_json, write_text
 from compress.log import logger, setup_logging
-from compress.models import ModelSpec, build_model, load_model, load_weights, save_model
+from compress.models import create_model, load_model, save_model
 from compress.recipe import ModelConfig, Recipe
 from compress.report import RunReport
 from compress.stages import STAGES, StageContext
@@ -57,20 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def model_from_config(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSpec]:
-    """Build a recipe model: a saved file reloads as saved; otherwise build, then load weights."""
-    if cfg.model.endswith(".safetensors") or Path(cfg.model).is_file():
-        model, spec = load_model(Path(cfg.model))
-    else:
-        kwargs = dict(cfg.kwargs)
-        kwargs.setdefault("num_classes", num_classes)
-        spec = ModelSpec(cfg.model, kwargs)
-        model = build_model(spec)
-    if cfg.weights is not None:
-        load_weights(model, cfg.weights)
-    return model, spec
 
 
 def model_identity(cfg: ModelConfig | None) -> Any:
@@ -128,7 +114,8 @@ class Pipeline:
     def teacher(self) -> nn.Module:
         if self._teacher is None:
             assert self.recipe.teacher is not None
-            model, _ = model_from_config(self.recipe.teacher, self.data.num_classes)
+            cfg = self.recipe.teacher
+            model, _ = create_model(cfg.model, cfg.kwargs, cfg.weights, self.data.num_classes)
             model.eval().requires_grad_(False)
             self._teacher = model.to(self.device)
         return self._teacher
@@ -158,7 +145,8 @@ class Pipeline:
         if recipe.teacher is not None and self.dist.is_main:
             self._teacher_entry(teacher_key)
         seed_everything(recipe.seed)
-        model, spec = model_from_config(recipe.student_config(), data.num_classes)
+        student = recipe.student_config()
+        model, spec = create_model(student.model, student.kwargs, student.weights, data.num_classes)
         current = "student"
         self.report.ensure_model(
             current, role="input", spec=spec.name, **model_facts(model, data.input_size)

@@ -117,7 +117,9 @@ class ModelConfig(StrictModel):
     @field_validator("model", mode="before")
     @classmethod
     def _resolve_saved(cls, v: Any, info: ValidationInfo) -> Any:
-        if isinstance(v, str) and (v.endswith(".safetensors") or "/" in v) and ":" not in v:
+        from compress.models.registry import is_saved_model
+
+        if isinstance(v, str) and is_saved_model(v):
             return str(_resolve_path(v, info))
         return v
 

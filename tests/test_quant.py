@@ -11,7 +11,6 @@ from compress.models import ModelSpec, build_model, load_model, load_weights
 from compress.quant.size import (
     huffman_code_lengths,
     huffman_mean_bits,
-    size_reduction,
     size_report,
 )
 from compress.quant.uniform import bucketize, quantize_uniform
@@ -78,9 +77,6 @@ def test_huffman_and_size_accounting_by_hand():
     assert huffman_code_lengths({0: 5, 1: 2, 2: 1, 3: 1}) == {0: 1, 1: 2, 2: 3, 3: 3}
     indices = torch.tensor([0] * 5 + [1] * 2 + [2, 3])
     assert huffman_mean_bits([indices]) == pytest.approx(15 / 9)
-    assert size_reduction(8) == pytest.approx(3.88, abs=0.01)
-    assert size_reduction(4) == pytest.approx(7.53, abs=0.01)
-    assert size_reduction(2) == pytest.approx(14.2, abs=0.05)
 
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Conv2d(2, 512, 1, bias=False), nn.Linear(1, 1))
     report = size_report(model, WeightQuantizer(model, bits=4, bucket_size=256).codes())

@@ -18,8 +18,6 @@ import numpy as np
 
 from compress.errors import InputError
 
-BACKENDS = ("onnxruntime",)
-
 
 def summarize(times_s: list[float], batch_size: int) -> dict[str, float]:
     """Latency statistics in milliseconds and throughput in images per second."""

@@ -4,9 +4,18 @@ from compress.models.registry import (
     ModelSpec,
     build_model,
     check_spec,
+    create_model,
     load_model,
     load_weights,
     save_model,
 )
 
-__all__ = ["ModelSpec", "build_model", "check_spec", "load_model", "load_weights", "save_model"]
+__all__ = [
+    "ModelSpec",
+    "build_model",
+    "check_spec",
+    "create_model",
+    "load_model",
+    "load_weights",
+    "save_model",
+]

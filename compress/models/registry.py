@@ -42,8 +42,11 @@ class ModelSpec:
         return cls(name=d["name"], kwargs=dict(d.get("kwargs", {})))
 
 
-def _is_saved_path(name: str) -> bool:
-    return name.endswith(".safetensors") or os.sep in name or name.startswith(".")
+def is_saved_model(name: str) -> bool:
+    """True when `name` is the path of a model file rather than a zoo, timm or torchvision name."""
+    if ":" in name:
+        return False
+    return name.endswith(".safetensors") or "/" in name or os.sep in name or name.startswith(".")
 
 
 def check_spec(name: str) -> None:
@@ -62,7 +65,7 @@ def check_spec(name: str) -> None:
         if name[12:] not in torchvision.models.list_models():
             raise ValueError(f"unknown torchvision model '{name[12:]}'")
         return
-    if _is_saved_path(name):
+    if is_saved_model(name):
         if not Path(name).is_file():
             raise ValueError(f"saved model file not found: {name}")
         return
@@ -88,7 +91,32 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
         kwargs.setdefault("weights", None)
         return torchvision.models.get_model(name[12:], **kwargs)
-    return load_model(Path(name))[0]
+    raise InputError(f"{name}: a saved model file, not an architecture (use create_model)")
+
+
+def create_model(
+    name: str,
+    kwargs: dict[str, Any] | None = None,
+    weights: Path | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    """The one way from a spec string to a model: a saved file reloads as saved; anything else is
+    built (`num_classes` filling in a missing kwarg) and then given `weights` if named."""
+    try:
+        check_spec(name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if is_saved_model(name):
+        model, spec = load_model(Path(name))
+    else:
+        kwargs = dict(kwargs or {})
+        if num_classes is not None:
+            kwargs.setdefault("num_classes", num_classes)
+        spec = ModelSpec(name, kwargs)
+        model = build_model(spec)
+    if weights is not None:
+        load_weights(model, weights)
+    return model, spec
 
 
 def _clean_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

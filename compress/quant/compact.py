@@ -23,10 +23,6 @@ from compress.quant.uniform import Quantized
 CODES_METADATA_KEY = "compress.quantized_tensors"
 
 
-def index_bits(levels: int) -> int:
-    return max(1, (levels - 1).bit_length())
-
-
 def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     """Indices < 2**bits as a flat uint8 tensor, `bits` bits each (big-endian within a byte)."""
     flat = indices.flatten().cpu().numpy()
@@ -54,7 +50,7 @@ def save_compact(
     tensors: dict[str, torch.Tensor] = {}
     described = {}
     for name, q in codes.items():
-        bits = index_bits(q.levels)
+        bits = q.index_bits
         tensors[f"{name}::indices"] = pack_indices(q.indices, bits)
         tensors[f"{name}::alpha"] = q.alpha.flatten().float().contiguous()
         tensors[f"{name}::beta"] = q.beta.flatten().float().contiguous()

@@ -82,10 +82,6 @@ def assign_points(norms: list[float], points_per_tensor: int) -> list[int]:
     return counts
 
 
-def bits_for(n_points: int) -> int:
-    return max(1, math.ceil(math.log2(n_points)))
-
-
 class PointQuantizer(TrainHooks):
     """Parametrizes the chosen weights with learned points; only the points train."""
 

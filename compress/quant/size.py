@@ -50,13 +50,6 @@ def huffman_mean_bits(index_tensors: Iterable) -> float:
     return sum(counts[s] * lengths[s] for s in counts) / total
 
 
-def size_reduction(bits: int, bucket_size: int | None = 256, float_bits: int = FP32_BITS) -> float:
-    """FP32 size over quantized size before Huffman coding: k*f / (k*b + 2f) with buckets of k."""
-    if bucket_size is None:
-        return float_bits / bits
-    return bucket_size * float_bits / (bucket_size * bits + 2 * float_bits)
-
-
 def size_report(model: nn.Module, codes: dict[str, Quantized]) -> dict[str, Any]:
     """Bits per weight and model size as Polino et al. count them (parameters; fp32 elsewhere).
 
@@ -65,7 +58,7 @@ def size_report(model: nn.Module, codes: dict[str, Quantized]) -> dict[str, Any]
     model; `quantized_size_bytes` uses the Huffman figure. Codebooks are counted when learned.
     """
     n_quant = sum(q.shape.numel() for q in codes.values())
-    index_bits = sum(max(1, (q.levels - 1).bit_length()) * q.shape.numel() for q in codes.values())
+    index_bits = sum(q.index_bits * q.shape.numel() for q in codes.values())
     scale_bits = sum(2 * FP32_BITS * q.indices.shape[0] for q in codes.values())
     codebook_bits = sum(FP32_BITS * q.levels for q in codes.values() if q.points is not None)
     extra = scale_bits + codebook_bits

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 import torch
 
 
+def index_bits(levels: int) -> int:
+    """Bits of a fixed-length code for `levels` symbols (at least 1)."""
+    return max(1, (levels - 1).bit_length())
+
+
 @dataclass
 class Quantized:
     """A quantized tensor: level indices per bucket, the per-bucket scales, and the original shape."""
@@ -23,6 +28,11 @@ class Quantized:
     shape: torch.Size
 
     points: torch.Tensor | None = None  # (levels,) codebook in [0, 1]; None = evenly spaced
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of a fixed-length code for one level index."""
+        return index_bits(self.levels)
 
     def codebook(self) -> torch.Tensor:
         if self.points is not None:
@@ -72,8 +82,3 @@ def quantize_uniform(
         indices = scaled.round()
     indices = indices.clamp_(0, levels - 1).long()
     return Quantized(indices, alpha, beta, levels, t.shape)
-
-
-def fake_quantize(t: torch.Tensor, bits: int, bucket_size: int | None = 256, **kw) -> torch.Tensor:
-    """`t` replaced by its quantized values, same dtype and shape."""
-    return quantize_uniform(t, bits, bucket_size, **kw).dequantize().to(t.dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from compress.deploy.onnx_export import check_parity, export_onnx
@@ -30,14 +29,8 @@ class ExportStage(StageConfig):
 def run(ctx: StageContext, cfg: ExportStage) -> StageResult:
     path = ctx.stage_dir / "model.onnx"
     export_onnx(ctx.model, path, ctx.data.input_size, opset=cfg.opset, dynamo=cfg.dynamo)
-    dataset = ctx.data.dataset("test")
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=min(cfg.parity_samples, len(dataset)),
-        shuffle=False,
-        collate_fn=ctx.data.loader("test").collate_fn,
-    )
-    images = next(iter(loader))[0]
+    n_test = len(ctx.data.samples("test"))
+    images = next(iter(ctx.data.loader("test", batch_size=min(cfg.parity_samples, n_test))))[0]
     parity = check_parity(ctx.model, path, images)
     scale = parity.pop("max_abs_logit")
     allowed = cfg.atol + cfg.rtol * scale
