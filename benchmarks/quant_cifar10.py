@@ -6,9 +6,12 @@ student with the same budget (`--epochs` over `--per-class` images per class, no
 - quantized_distillation: KD loss (T 2, alpha 0.7) with quantized weights;
 - qat_no_distillation: the same with alpha 0 (cross-entropy only), the paper's comparison;
 - ptq: the student's weights rounded to the same levels, no training;
-- differentiable_quantization: learned points at 2 and 4 bits.
-INT8 Q/DQ rows are not measured yet (no deployable INT8 route in compress so far): their fields
-are null with a reason. Last stdout line: JSON with `rows` and the INT8 fields.
+- differentiable_quantization: learned points at 2 and 4 bits;
+- ptq_int8 / qat_int8 (Brevitas, exported as Q/DQ ONNX): calibration only, and calibration plus
+  `--epochs` of KD; for the onnxruntime target (uint8 activations) and, PTQ only, the TensorRT one
+  (int8 activations). Each row gives PyTorch and onnxruntime test top-1; the ONNX files are then
+  timed with the FP32 student's ONNX in one interleaved run (onnxruntime CPU, batch 1 and 32).
+Last stdout line: JSON with `rows`, `latency` and the INT8 speed-ups.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 
 from benchmarks._common import SHARED, require, save
 from compress.data import ImageFolderData
+from compress.deploy.bench import bench_onnxruntime
+from compress.deploy.onnx_export import export_onnx
 from compress.evaluation import evaluate
 from compress.models import load_model
 from compress.pipeline import Pipeline
@@ -52,6 +57,7 @@ def main() -> None:
     p.add_argument("--test-per-class", type=int, default=300)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for latency")
     args = p.parse_args()
     weights = require(SHARED / "weights" / "cifar_resnet")
     data = {
@@ -132,13 +138,45 @@ def main() -> None:
                     run_recipe({**base, "student": student, "stages": [stage]}, out),
                 )
             )
-    print(f"{'method':<28}{'bits':>5}{'top1':>8}{'bits/w':>8}{'Huffman B':>11}")
+        onnx = {"fp32": tmp / "fp32.onnx"}
+        export_onnx(load_model(Path(student["model"]))[0], onnx["fp32"], (3, 32, 32))
+        for method, target in (
+            ("ptq_int8", "onnxruntime"),
+            ("qat_int8", "onnxruntime"),
+            ("ptq_int8", "tensorrt"),
+        ):
+            stage = {**quantize, "method": method, "int8_target": target}
+            out = tmp / f"{method}_{target}"
+            model = run_recipe(
+                {**base, "student": student, "stages": [stage, {"type": "export"}]}, out
+            )
+            onnx[f"{method}_{target}"] = out / "01-export" / "model.onnx"
+            rows.append(
+                {
+                    **row(method, 8, model),
+                    "int8_target": target,
+                    "onnx_test_top1": model["onnx_test_top1"],
+                    "size_bytes": model["onnx_bytes"],
+                    "size_is": "Q/DQ ONNX file",
+                }
+            )
+        latency = {name: {} for name in onnx}
+        for batch in (1, 32):
+            for name, path in onnx.items():  # one model after another, same conditions
+                latency[name][f"b{batch}"] = bench_onnxruntime(
+                    path, batch, args.threads, min_duration_s=2.0
+                )["p50_ms"]
+    print(f"{'method':<28}{'bits':>5}{'top1':>8}{'onnx':>8}{'bits/w':>8}{'Huffman B':>11}")
     for r in rows:
+        onnx_top1 = r.get("onnx_test_top1")
         print(
             f"{r['method']:<28}{r['bits'] or 32:>5}{r['test_top1']:>8.2f}"
+            f"{'' if onnx_top1 is None else f'{onnx_top1:.2f}':>8}"
             f"{r['bits_per_weight']:>8.2f}{r['huffman_size_bytes'] or 0:>11}"
         )
-    why = "no INT8 Q/DQ export in compress yet"
+    for name, ms in latency.items():
+        print(f"{name:<28} p50 b1 {ms['b1']:.3f} ms  b32 {ms['b32']:.3f} ms")
+    qat = latency["qat_int8_onnxruntime"]
     save(
         "quant_cifar10",
         {
@@ -149,11 +187,10 @@ def main() -> None:
                 "test_images": args.test_per_class * 10,
             },
             "rows": rows,
-            "int8_vs_fp32_speedup_b1": None,
-            "int8_vs_fp32_speedup_b32": None,
-            "int8_onnx_test_top1": None,
-            "int8_torch_test_top1": None,
-            "int8_missing_reason": why,
+            "latency_p50_ms": latency,
+            "latency_backend": f"onnxruntime CPU, {args.threads} threads",
+            "int8_vs_fp32_speedup_b1": latency["fp32"]["b1"] / qat["b1"],
+            "int8_vs_fp32_speedup_b32": latency["fp32"]["b32"] / qat["b32"],
         },
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,10 +46,9 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """FLOPs of one forward pass on one image, by torch's flop counter (a multiply-add counts 2)."""
-    was_training = model.training
-    model.eval()
+    # A frozen copy: the counter's module hooks fail on quantizers that slice trainable weights.
+    model = copy.deepcopy(model).eval().requires_grad_(False)
     device = next(model.parameters()).device
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *input_size, device=device))
-    model.train(was_training)
     return int(counter.get_total_flops())

@@ -219,19 +219,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "## Quantization",
             "",
-            "Bits per weight count the bucket scales (and learned codebooks); the Huffman size is "
-            "Polino et al.'s accounting, not a file; the compact file is what is written.",
+            "Bits per weight count the bucket scales (and learned codebooks) or the per-channel "
+            "INT8 scales. Sub-8-bit models: the size is Polino et al.'s Huffman accounting, not a "
+            "file, and the compact file is what is written; INT8 models: the size is the INT8 "
+            "weights with their scales, and the Q/DQ ONNX file is what is written.",
             "",
-            "| model | method | bits | bits/weight | Huffman bits/weight | Huffman size | "
-            "compact file | fp32 / Huffman size |",
+            "| model | method | bits | bits/weight | Huffman bits/weight | size | "
+            "written file | fp32 / size |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for m in quantized:
+            huffman = m.get("huffman_bits_per_weight")
+            written = m.get("compact_bytes") or m.get("onnx_bytes")
             lines.append(
                 f"| {m['name']} | {m.get('quantization')} | {m['bits']} | "
-                f"{m['bits_per_weight']:.3f} | {m['huffman_bits_per_weight']:.3f} | "
+                f"{m['bits_per_weight']:.3f} | {'–' if huffman is None else f'{huffman:.3f}'} | "
                 f"{_fmt(m['quantized_size_bytes'], 'bytes')} | "
-                f"{_fmt(m.get('compact_bytes'), 'bytes')} | {m['compression_ratio']:.1f}x |"
+                f"{_fmt(written, 'bytes')} | {m['compression_ratio']:.1f}x |"
             )
         lines.append("")
     lines += [

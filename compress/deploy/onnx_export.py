@@ -90,3 +90,16 @@ def check_parity(model: nn.Module, path: Path, images: torch.Tensor) -> dict[str
         "parity_samples": int(images.shape[0]),
         "max_abs_logit": float(np.abs(expected).max()),
     }
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file run by onnxruntime behind the nn.Module call interface, for `evaluate`."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.session = onnxruntime_session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: images.cpu().numpy().astype(np.float32)}
+        return torch.from_numpy(self.session.run(None, feed)[0])

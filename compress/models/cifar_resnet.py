@@ -20,7 +20,8 @@ class PadShortcut(nn.Module):
         self.pad_channels = pad_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::2, ::2]
+        # A 1x1 stride-2 max-pool is x[:, :, ::2, ::2]; unlike slicing it passes quantized tensors.
+        x = F.max_pool2d(x, 1, 2)
         return F.pad(x, (0, 0, 0, 0, self.pad_channels, self.pad_channels))
 
 

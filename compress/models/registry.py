@@ -29,17 +29,22 @@ SPEC_METADATA_KEY = "compress.model_spec"
 
 @dataclass
 class ModelSpec:
-    """What a model is: its name (a spec string) and the keyword arguments that build it."""
+    """What a model is: its name (a spec string), the keyword arguments that build it, and for an
+    INT8 model the arguments of `quantize_int8` (`target`, `input_size`)."""
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs)}
+        d: dict[str, Any] = {"name": self.name, "kwargs": dict(self.kwargs)}
+        if self.int8 is not None:
+            d["int8"] = dict(self.int8)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(name=d["name"], kwargs=dict(d.get("kwargs", {})))
+        return cls(name=d["name"], kwargs=dict(d.get("kwargs", {})), int8=d.get("int8"))
 
 
 def is_saved_model(name: str) -> bool:
@@ -74,6 +79,11 @@ def check_spec(name: str) -> None:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the architecture `spec` names, with freshly initialised weights (never downloads)."""
+    if spec.int8 is not None:
+        from compress.quant.int8 import quantize_int8
+
+        model = build_model(ModelSpec(spec.name, spec.kwargs))
+        return quantize_int8(model, spec.int8["target"], tuple(spec.int8["input_size"]))
     name, kwargs = spec.name, dict(spec.kwargs)
     try:
         check_spec(name)
@@ -162,11 +172,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def save_model(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
     """Write `model` with its spec as one safetensors file, atomically."""
-    from safetensors.torch import save_model as st_save_model
+    from safetensors.torch import save_file
 
     path = Path(path)
+    # Every name gets its own copy: quantized models share quantizer parameters between modules,
+    # and each name must reload.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        st_save_model(model, str(tmp), metadata={SPEC_METADATA_KEY: json.dumps(spec.to_dict())})
+        save_file(state, str(tmp), metadata={SPEC_METADATA_KEY: json.dumps(spec.to_dict())})
     return path
 
 

@@ -1,4 +1,9 @@
-"""`export`: ONNX with a dynamic batch axis, checked by onnx.checker and for onnxruntime parity."""
+"""`export`: ONNX with a dynamic batch axis, checked by onnx.checker and for onnxruntime parity.
+
+An INT8 model (quantize: qat_int8/ptq_int8) exports as Q/DQ ONNX; onnxruntime's integer kernels
+round differently from PyTorch's simulated quantization, so its gate is test accuracy: the ONNX
+model must score within `int8_accuracy_tolerance` points of the PyTorch quantized model.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from compress.deploy.onnx_export import check_parity, export_onnx
+from compress.deploy.onnx_export import OnnxRuntimeModel, check_parity, export_onnx
 from compress.errors import StageFailed
+from compress.evaluation import evaluate
+from compress.quant.int8 import INT8_OPSET, export_int8_onnx, is_int8
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 
 
@@ -23,11 +30,16 @@ class ExportStage(StageConfig):
     atol: float = Field(1e-4, gt=0, description="Parity: allowed |onnx - torch| ...")
     rtol: float = Field(1e-3, ge=0, description="... plus rtol * |torch|, per logit.")
     parity_samples: int = Field(64, gt=0, description="Test images used for the parity check.")
+    int8_accuracy_tolerance: float = Field(
+        0.3, ge=0, description="INT8 models: allowed |ONNX - PyTorch| test top-1, in points."
+    )
 
 
 @register_stage("export", ExportStage)
 def run(ctx: StageContext, cfg: ExportStage) -> StageResult:
     path = ctx.stage_dir / "model.onnx"
+    if is_int8(ctx.model):
+        return _export_int8(ctx, cfg, path)
     export_onnx(ctx.model, path, ctx.data.input_size, opset=cfg.opset, dynamo=cfg.dynamo)
     n_test = len(ctx.data.samples("test"))
     images = next(iter(ctx.data.loader("test", batch_size=min(cfg.parity_samples, n_test))))[0]
@@ -54,5 +66,39 @@ def run(ctx: StageContext, cfg: ExportStage) -> StageResult:
         model_metrics={
             "onnx_max_abs_diff": parity["max_abs_diff"],
             "onnx_bytes": metrics["size_bytes"],
+        },
+    )
+
+
+def _export_int8(ctx: StageContext, cfg: ExportStage, path) -> StageResult:
+    export_int8_onnx(ctx.model, path, ctx.data.input_size)
+    loader = ctx.data.loader("test")
+    torch_top1 = evaluate(ctx.model, loader, ctx.device, desc="test torch int8")["top1"]
+    onnx_top1 = evaluate(OnnxRuntimeModel(path), loader, ctx.device, desc="test onnx int8")["top1"]
+    images = next(iter(ctx.data.loader("test", batch_size=cfg.parity_samples)))[0]
+    parity = check_parity(ctx.model, path, images)
+    parity.pop("max_abs_logit")
+    gap = abs(onnx_top1 - torch_top1)
+    metrics = {
+        "format": "onnx-qdq-int8",
+        "opset": INT8_OPSET,
+        **parity,
+        "torch_test_top1": torch_top1,
+        "onnx_test_top1": onnx_top1,
+        "int8_accuracy_tolerance": cfg.int8_accuracy_tolerance,
+        "size_bytes": path.stat().st_size,
+    }
+    if gap > cfg.int8_accuracy_tolerance:
+        raise StageFailed(
+            f"INT8 ONNX parity failed: onnxruntime test top-1 {onnx_top1:.2f}% vs PyTorch "
+            f"{torch_top1:.2f}% ({gap:.2f} points > {cfg.int8_accuracy_tolerance})"
+        )
+    return StageResult(
+        metrics=metrics,
+        artifacts={"onnx": str(path)},
+        model_metrics={
+            "onnx_max_abs_diff": parity["max_abs_diff"],
+            "onnx_bytes": metrics["size_bytes"],
+            "onnx_test_top1": onnx_top1,
         },
     )

@@ -6,7 +6,10 @@
 - differentiable_quantization: the weights stay fixed; per tensor, 2**bits points (in each bucket's
   [min, max] scale) are learned by SGD, each weight taking its nearest point; with `bit_budget`,
   tensors with larger gradient norms get more points (the total is unchanged).
-Both train on KD against the fixed teacher (the paper's code: T 2, alpha 0.7).
+- qat_int8: Brevitas quantization-aware training of INT8 weights and activations (see
+  compress/quant/int8.py), calibrated first, trained on the same KD loss; exports as Q/DQ ONNX.
+- ptq_int8: the same quantized model, calibrated only: the post-training baseline.
+The first two train on KD against the fixed teacher (the paper's code: T 2, alpha 0.7).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from compress.errors import InputError
+from compress.models import ModelSpec
 from compress.quant.compact import save_compact
+from compress.quant.int8 import Int8Target, calibrate, int8_size, quantize_int8
 from compress.quant.points import PointQuantizer, assign_points, gradient_norms
 from compress.quant.size import size_report
 from compress.quant.weights import WeightQuantizer, select_layers
@@ -32,16 +37,19 @@ from compress.train.loop import TrainingConfig
 from compress.train.objectives import DistillationObjective
 
 COMPACT_FILE = "model.compact.safetensors"
+INT8_METHODS = ("qat_int8", "ptq_int8")
 
 
 class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
     """Quantize the current model's conv/linear weights while distilling from the teacher."""
 
     type: Literal["quantize"] = "quantize"
-    method: Literal["quantized_distillation", "differentiable_quantization"] = Field(
-        "quantized_distillation", description="Quantization method."
+    method: Literal[
+        "quantized_distillation", "differentiable_quantization", "qat_int8", "ptq_int8"
+    ] = Field("quantized_distillation", description="Quantization method.")
+    bits: int = Field(
+        4, ge=1, le=32, description="Bits per quantized weight: 2**bits levels (8 for *_int8)."
     )
-    bits: int = Field(4, ge=1, le=32, description="Bits per quantized weight: 2**bits levels.")
     bucket_size: int | None = Field(
         256, gt=0, description="Values sharing one (min, max) scale; null = one per tensor."
     )
@@ -67,20 +75,39 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
     lr: float = Field(
         0.01,
         gt=0,
-        description="Peak learning rate of the weights (quantized_distillation) or of the points "
-        "(differentiable_quantization, where it defaults to 1e-4).",
+        description="Peak learning rate of the weights (quantized_distillation; qat_int8 "
+        "defaults to 1e-4) or of the points (differentiable_quantization: 1e-4).",
+    )
+    int8_target: Int8Target = Field(
+        "onnxruntime",
+        description="*_int8: the runtime the Q/DQ model is shaped for: onnxruntime (uint8 "
+        "activations after ReLU, fast on CPU) or tensorrt (signed int8 activations).",
+    )
+    calibration_batches: int = Field(
+        16,
+        gt=0,
+        description="*_int8: training batches (unaugmented) that set the activation scales.",
     )
 
     @model_validator(mode="before")
     @classmethod
-    def _points_lr(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("method") == "differentiable_quantization":
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method")
+        if method == "differentiable_quantization":
             data = {"lr": 1e-4, **data}
+        elif method in INT8_METHODS:
+            if data.get("bits", 8) != 8:
+                raise ValueError(f"bits: {method} quantizes to 8 bits (got {data['bits']})")
+            data = {"lr": 1e-4, **data, "bits": 8}
+            if method == "ptq_int8":  # calibration only: the training fields are not used
+                data = {"epochs": 1, **data}
         return data
 
     @property
     def needs_teacher(self) -> bool:  # type: ignore[override]
-        return self.distill_from == "teacher"
+        return self.method != "ptq_int8" and self.distill_from == "teacher"
 
 
 def _objective(ctx: StageContext, cfg: QuantizeStage):
@@ -90,8 +117,41 @@ def _objective(ctx: StageContext, cfg: QuantizeStage):
     return DistillationObjective(reference, cfg.temperature, cfg.alpha, cfg.label_smoothing), False
 
 
+def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
+    if ctx.spec.int8 is not None:
+        raise InputError(f"stages[{ctx.index}].method: the model is already INT8-quantized")
+    objective = _objective(ctx, cfg)[0] if cfg.method == "qat_int8" else None
+    input_size = ctx.data.input_size
+    model = quantize_int8(ctx.model, cfg.int8_target, input_size)
+    batch_size = cfg.batch_size or ctx.data.cfg.batch_size
+    calibration_loader = ctx.data.loader("train", train=False, batch_size=batch_size)
+    seen = calibrate(model, calibration_loader, ctx.device, cfg.calibration_batches)
+    if objective is not None:
+        ctx.model = model
+        result = train_with(ctx, cfg, objective)
+    else:
+        result = StageResult(model=model)
+    result.spec = ModelSpec(
+        ctx.spec.name,
+        ctx.spec.kwargs,
+        int8={"target": cfg.int8_target, "input_size": list(input_size)},
+    )
+    size = int8_size(model)
+    result.metrics.update(
+        size, method=cfg.method, bits=8, int8_target=cfg.int8_target, calibration_images=seen
+    )
+    result.model_metrics = {
+        "quantization": cfg.method,
+        "bits": 8,
+        **{k: size[k] for k in ("bits_per_weight", "quantized_size_bytes", "compression_ratio")},
+    }
+    return result
+
+
 @register_stage("quantize", QuantizeStage, makes_model=True)
 def run(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
+    if cfg.method in INT8_METHODS:
+        return _run_int8(ctx, cfg)
     try:
         names, keep = select_layers(ctx.model, cfg.full_precision)
     except ValueError as e:

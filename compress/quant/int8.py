@@ -1,0 +1,150 @@
+"""Deployable INT8 through Brevitas graph quantization, in the form onnxruntime and TensorRT run.
+
+The float model is traced with torch.fx, BatchNorm is folded into the preceding convolutions, and
+every conv/linear gets symmetric per-channel INT8 weights (zero point 0) and an INT32 bias; every
+activation that feeds one is quantized per tensor. The target decides the activations' sign:
+- `onnxruntime`: unsigned 8-bit after ReLU, signed elsewhere. onnxruntime's CPU kernels are fast
+  for U8S8 (uint8 activations, int8 weights) and slower than FP32 for S8S8.
+- `tensorrt`: signed 8-bit everywhere, the only activation type TensorRT's Q/DQ accepts.
+Weights use the full signed range, so the Q/DQ export needs no Clip nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from compress.errors import InputError
+from compress.io import atomic_path
+
+Int8Target = Literal["onnxruntime", "tensorrt"]
+INT8_OPSET = 13
+
+
+def quantize_int8(model: nn.Module, target: Int8Target, input_size: tuple[int, int, int]):
+    """A quantized copy of `model` (a Brevitas fx GraphModule), with every quantizer initialised.
+
+    Its scales are placeholders until `calibrate` (or a state dict saved from a calibrated model)
+    sets them.
+    """
+    from brevitas.graph.calibrate import calibration_mode
+    from brevitas.graph.quantize import (
+        COMPUTE_LAYER_MAP,
+        QUANT_ACT_MAP,
+        UNSIGNED_ACT_TUPLE,
+        preprocess_for_quantize,
+        quantize,
+    )
+    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+
+    weight_quant = Int8WeightPerChannelFloat.let(narrow_range=False)
+    layer_map = dict(COMPUTE_LAYER_MAP)
+    for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+        layer, options = layer_map[kind]
+        layer_map[kind] = (layer, {**options, "weight_quant": weight_quant})
+    act_map, unsigned = dict(QUANT_ACT_MAP), UNSIGNED_ACT_TUPLE
+    if target == "tensorrt":
+        for kind, (layer, options) in QUANT_ACT_MAP.items():
+            act_map[kind] = (layer, {**options, "act_quant": Int8ActPerTensorFloat})
+        unsigned = ()
+    float_model = copy.deepcopy(model).eval().cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            traced = preprocess_for_quantize(float_model, relu6_to_relu=False)
+            quantized = quantize(
+                traced,
+                compute_layer_map=layer_map,
+                quant_act_map=act_map,
+                unsigned_act_tuple=unsigned,
+            )
+        except Exception as e:  # noqa: BLE001 - tracing fails in many ways; all mean the same
+            raise InputError(
+                f"INT8 quantization needs a model torch.fx can trace; {type(model).__name__} "
+                f"failed ({type(e).__name__}: {e}). Use quantized_distillation instead."
+            ) from None
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad(), calibration_mode(quantized):
+            quantized(torch.randn(2, *input_size, generator=generator))
+    return quantized.eval()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader, device: torch.device, batches: int) -> int:
+    """Set activation scales from `batches` batches of `loader`; returns the images seen."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    model.eval().to(device)
+    seen = 0
+    with calibration_mode(model):
+        for i, (images, *_) in enumerate(loader):
+            if i >= batches:
+                break
+            model(images.to(device))
+            seen += images.shape[0]
+    return seen
+
+
+def is_int8(model: nn.Module) -> bool:
+    """True when `model` holds Brevitas quantized layers."""
+    try:
+        from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, QuantWeightBiasInputOutputLayer) for m in model.modules())
+
+
+def int8_size(model: nn.Module) -> dict[str, float | int]:
+    """Bytes of the INT8 weights with their per-channel scales, against FP32 for all parameters."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    layers = [m for m in model.modules() if isinstance(m, QuantWeightBiasInputOutputLayer)]
+    weights = sum(m.weight.numel() for m in layers)
+    channels = sum(m.weight.shape[0] for m in layers)
+    biases = sum(m.bias.numel() for m in layers if m.bias is not None)
+    quantized = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
+    # What stays float: parameters of no quantized layer (activation scales included).
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+    total_params = weights + biases + other
+    size = weights + 4 * channels + 4 * biases + 4 * other
+    return {
+        "int8_weights": weights,
+        "bits_per_weight": 8 + 32 * channels / max(weights, 1),
+        "quantized_size_bytes": size,
+        "fp32_size_bytes": 4 * total_params,
+        "compression_ratio": 4 * total_params / max(size, 1),
+    }
+
+
+def export_int8_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
+    """Write the Q/DQ (QCDQ) ONNX model of a quantized model, with a dynamic batch axis."""
+    import onnx
+    from brevitas.export import export_onnx_qcdq
+
+    model = model.eval().cpu()
+    path = Path(path)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_path = tmp.with_suffix(".onnx")
+        try:
+            # The dynamo route rejects quantized (INT32) bias; the TorchScript one exports it.
+            export_onnx_qcdq(
+                model,
+                torch.zeros(2, *input_size),
+                export_path=str(onnx_path),
+                dynamo=False,
+                opset_version=INT8_OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+            onnx.checker.check_model(str(onnx_path))
+            onnx_path.replace(tmp)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+    return path
