@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,23 @@ from torch import nn
 from compress.io import atomic_path
 
 
+@contextmanager
+def checked_onnx_file(path: Path) -> Iterator[Path]:
+    """A temporary .onnx path to export to; once written, `onnx.checker` passes it and it replaces
+    `path` atomically (exporter warnings are silenced)."""
+    import onnx
+
+    with atomic_path(Path(path)) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_path = tmp.with_suffix(".onnx")
+        try:
+            yield onnx_path
+            onnx.checker.check_model(str(onnx_path))
+            onnx_path.replace(tmp)
+        finally:
+            onnx_path.unlink(missing_ok=True)
+
+
 def export_onnx(
     model: nn.Module,
     path: Path,
@@ -22,43 +41,33 @@ def export_onnx(
     dynamo: bool = True,
 ) -> Path:
     """Write `model` as one ONNX file with a dynamic batch axis named `batch`, then check it."""
-    import onnx
-
     model = copy.deepcopy(model).eval().cpu()
     # Trace with batch 2: torch.export specialises size-1 dimensions.
     example = torch.zeros(2, *input_size)
-    path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_path = tmp.with_suffix(".onnx")
-        try:
-            if dynamo:
-                program = torch.onnx.export(
-                    model,
-                    (example,),
-                    dynamo=True,
-                    opset_version=opset,
-                    input_names=["input"],
-                    output_names=["logits"],
-                    dynamic_shapes=({0: "batch"},),
-                    verbose=False,
-                )
-                program.save(str(onnx_path), external_data=False)
-            else:
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    str(onnx_path),
-                    dynamo=False,
-                    opset_version=min(opset, 20),
-                    input_names=["input"],
-                    output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                )
-            onnx.checker.check_model(str(onnx_path))
-            onnx_path.replace(tmp)
-        finally:
-            onnx_path.unlink(missing_ok=True)
+    with checked_onnx_file(path) as onnx_path:
+        if dynamo:
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: "batch"},),
+                verbose=False,
+            )
+            program.save(str(onnx_path), external_data=False)
+        else:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(onnx_path),
+                dynamo=False,
+                opset_version=min(opset, 20),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
     return path
 
 

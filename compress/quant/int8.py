@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
-from compress.io import atomic_path
 
 Int8Target = Literal["onnxruntime", "tensorrt"]
 INT8_OPSET = 13
@@ -123,28 +122,20 @@ def int8_size(model: nn.Module) -> dict[str, float | int]:
 
 def export_int8_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
     """Write the Q/DQ (QCDQ) ONNX model of a quantized model, with a dynamic batch axis."""
-    import onnx
     from brevitas.export import export_onnx_qcdq
 
-    model = model.eval().cpu()
-    path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_path = tmp.with_suffix(".onnx")
-        try:
-            # The dynamo route rejects quantized (INT32) bias; the TorchScript one exports it.
-            export_onnx_qcdq(
-                model,
-                torch.zeros(2, *input_size),
-                export_path=str(onnx_path),
-                dynamo=False,
-                opset_version=INT8_OPSET,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-            onnx.checker.check_model(str(onnx_path))
-            onnx_path.replace(tmp)
-        finally:
-            onnx_path.unlink(missing_ok=True)
+    from compress.deploy.onnx_export import checked_onnx_file
+
+    with checked_onnx_file(path) as onnx_path:
+        # The dynamo route rejects quantized (INT32) bias; the TorchScript one exports it.
+        export_onnx_qcdq(
+            model.eval().cpu(),
+            torch.zeros(2, *input_size),
+            export_path=str(onnx_path),
+            dynamo=False,
+            opset_version=INT8_OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return path
