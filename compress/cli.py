@@ -129,6 +129,8 @@ def cmd_run(args) -> int:
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    for warning in preflight_warnings(recipe):
+        logger.warning(warning)
     out = args.out or Path("runs") / recipe.name
     pipeline = Pipeline(recipe, out, fresh=args.fresh)
     report = pipeline.run()
@@ -143,12 +145,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def preflight_warnings(recipe) -> list[str]:
+    """Problems a stage will hit when it runs (e.g. TensorRT asked for but missing), by stage."""
+    return [
+        f"stages[{i}] ({stage.type}): {w}"
+        for i, stage in enumerate(recipe.stages)
+        for w in getattr(stage, "preflight_warnings", list)()
+    ]
+
+
 def cmd_validate(args) -> int:
     import yaml
 
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    for warning in preflight_warnings(recipe):
+        print(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# {args.recipe}: valid ({len(recipe.stages)} stages)", file=sys.stderr)
     return 0

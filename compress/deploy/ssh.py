@@ -186,11 +186,12 @@ def external_data_files(path: Path) -> list[Path]:
     return files
 
 
-_RAIL = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0|VDD_TOTAL)\s+(\d+)mW")
+# Board input rail: `VDD_IN 4821mW/4821mW` (Orin), `VDD_IN 3140/3208` (Xavier), `POM_5V_IN` (Nano).
+_RAIL = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)(?:mW)?/")
 
 
 def parse_tegrastats(text: str) -> dict[str, Any] | None:
-    """Mean board input power from tegrastats lines (`VDD_IN 5012mW/4980mW` on Orin)."""
+    """Mean board input power over tegrastats lines (instantaneous values, not its averages)."""
     samples: list[float] = []
     rail = None
     for line in text.splitlines():

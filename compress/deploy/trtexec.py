@@ -73,7 +73,7 @@ def parse_summary(text: str) -> dict[str, Any]:
                 continue
             stats: dict[str, float] = {}
             for stat, pct, value in _STAT.findall(rest):
-                stats[f"p{pct.rstrip('0').rstrip('.')}" if pct else stat] = float(value)
+                stats[f"p{float(pct):g}" if pct else stat] = float(value)
             out[key] = stats
     if "latency" not in out:
         raise StageFailed("trtexec output has no performance summary (did the run fail?)")
