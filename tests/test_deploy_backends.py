@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from benchmarks.deploy_latency import qdq_onnx
 from compress.deploy.bench import COMMON_FIELDS, BenchSettings, bench_sweep
 from compress.deploy.devices import load_profile, profile_names
 from compress.deploy.ssh import RemoteError, check_profile
@@ -113,8 +114,6 @@ def test_tensorrt_engine_builds_with_metadata_and_times(student_onnx, tmp_path, 
 
 @needs_trt
 def test_tensorrt_int8_engine_from_qdq_onnx(student_onnx, tmp_path):
-    from benchmarks.deploy_latency import qdq_onnx
-
     from compress.deploy.tensorrt import bench_tensorrt, build_engine
 
     with pytest.raises(InputError, match="needs a Q/DQ ONNX model"):

@@ -157,7 +157,7 @@ def build_engine(
     if timing_cache and Path(timing_cache).is_file():
         cache_bytes = Path(timing_cache).read_bytes()
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(cache, False)  # a cache from another GPU/version is not used
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -213,6 +213,8 @@ def _torch_dtype(trt, dtype):
         trt.int8: torch.int8,
         trt.bool: torch.bool,
     }
+    if hasattr(trt, "int64"):
+        table[trt.int64] = torch.int64
     return table[dtype]
 
 
@@ -248,7 +250,11 @@ def bench_tensorrt(
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     shape = input_shape_for(path, list(engine.get_tensor_shape(inputs[0])), batch_size)
-    context.set_input_shape(inputs[0], shape)
+    if not context.set_input_shape(inputs[0], shape):
+        raise InputError(
+            f"{engine_path}: batch {batch_size} is outside the engine's optimisation profile "
+            f"{meta.get('profile', '')}; rebuild it with that batch size in batch_sizes"
+        )
     device: dict[str, torch.Tensor] = {}
     for n in names:
         t = torch.empty(

@@ -133,7 +133,8 @@ def run_flags(
     transfers: bool = False,
 ) -> list[str]:
     """trtexec arguments for one timed run with the same meaning on TensorRT 10 and 11:
-    CUDA graph, spin-wait, and (unless `transfers`) GPU compute without host/device copies."""
+    CUDA graph, spin-wait, and (unless `transfers`) GPU compute without host/device copies.
+    trtexec warms up for a time, so `settings.warmup` is read as milliseconds here (>= 200)."""
     flags = [
         f"--loadEngine={engine}",
         f"--shapes={shape_arg(input_name, shape)}",
