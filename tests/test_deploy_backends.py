@@ -129,3 +129,28 @@ def test_trtexec_backend_builds_and_times(student_onnx):
     (r,) = bench_sweep("trtexec", student_onnx, [1], QUICK)
     assert r["backend"] == "trtexec" and r["tensorrt_version"] != "unknown"
     assert 0 < r["p50_ms"] <= r["p99_ms"] and r["iterations"] > 0
+
+
+def test_qdq_model_for_int8_engines_keeps_predictions(student_onnx, tmp_path, cifar_root):
+    """The INT8 route's Q/DQ model (symmetric, as TensorRT needs) still classifies like FP32."""
+    import numpy as np
+    import onnx
+
+    from compress.data import ImageFolderData
+    from compress.deploy.onnx_export import onnxruntime_session
+    from compress.deploy.tensorrt import has_qdq
+    from compress.recipe import DataConfig
+
+    data = ImageFolderData(DataConfig(root=cifar_root, test_limit_per_class=20))
+    images = next(iter(data.loader("test", batch_size=200)))[0].numpy()
+    qdq = qdq_onnx(student_onnx, tmp_path / "student.qdq.onnx", images[:64])
+    assert has_qdq(qdq) and not has_qdq(student_onnx)
+    zero_points = [
+        onnx.numpy_helper.to_array(t)
+        for t in onnx.load(str(qdq)).graph.initializer
+        if t.name.endswith("zero_point")
+    ]
+    assert zero_points and all((z == 0).all() for z in zero_points)
+    fp32 = onnxruntime_session(student_onnx, 1).run(None, {"input": images})[0]
+    int8 = onnxruntime_session(qdq, 1).run(None, {"input": images})[0]
+    assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.9
