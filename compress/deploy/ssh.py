@@ -268,7 +268,7 @@ def bench_ssh(
 
     path = check_model_file(path)
     if not host:
-        raise InputError("backend ssh: --host (or bench.host in the recipe) is required")
+        raise InputError("backend ssh: --host (or ssh.host in a bench stage) is required")
     if remote_backend not in ("auto", "compress", "trtexec"):
         raise InputError(f"remote_backend {remote_backend!r}: expected auto, compress or trtexec")
     profile = load_profile(device_profile) if device_profile else None
@@ -276,21 +276,7 @@ def bench_ssh(
                        remote_python=remote_python, timeout_s=timeout_s)  # fmt: skip
     info = probe(target)
     check_profile(info, profile)
-    use = remote_backend
-    if use == "auto":
-        use = "compress" if "compress" in info else "trtexec" if "trtexec" in info else None
-    if (
-        use is None
-        or (use == "compress" and "compress" not in info)
-        or (use == "trtexec" and "trtexec" not in info)
-    ):
-        raise RemoteError(
-            f"{host}: remote has "
-            + ("neither compress (tried `" + remote_python + " -m compress`) nor trtexec"
-               if use is None else f"no {use}")
-            + "; install compress there (or set remote_python to the interpreter that has it), "
-            "or TensorRT's trtexec"
-        )  # fmt: skip
+    use = choose_remote(info, remote_backend, remote_python, host)
     files = [path, *external_data_files(path)]
     workdir = target.ssh("mktemp -d -t compress-bench.XXXXXXXX", timeout=60).strip()
     if not workdir.startswith("/"):
@@ -335,6 +321,19 @@ def bench_ssh(
             device_profile=profile["name"] if profile else None,
         )
     return results
+
+
+def choose_remote(info: dict[str, str], wanted: str, remote_python: str, host: str) -> str:
+    """`compress` or `trtexec`: what runs the benchmark on the device (auto: compress first)."""
+    have = [tool for tool in ("compress", "trtexec") if tool in info]
+    if wanted in have or (wanted == "auto" and have):
+        return wanted if wanted != "auto" else have[0]
+    missing = "neither compress nor trtexec" if wanted == "auto" else f"no {wanted}"
+    raise RemoteError(
+        f"{host}: the device has {missing} (compress tried as `{remote_python} -m compress`); "
+        "install compress there or set remote_python to the interpreter that has it, or install "
+        "TensorRT's trtexec"
+    )
 
 
 def _fetch_power(target, info, workdir, local: Path) -> dict[str, Any] | None:
