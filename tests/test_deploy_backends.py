@@ -154,3 +154,15 @@ def test_qdq_model_for_int8_engines_keeps_predictions(student_onnx, tmp_path, ci
     fp32 = onnxruntime_session(student_onnx, 1).run(None, {"input": images})[0]
     int8 = onnxruntime_session(qdq, 1).run(None, {"input": images})[0]
     assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.9
+
+
+def test_bench_stage_ssh_backend_needs_a_host(cifar_root, resnet56_weights):
+    from compress.recipe import parse_recipe
+
+    recipe = small_recipe_for(cifar_root, resnet56_weights)
+    recipe["stages"][3] = {"type": "bench", "backend": "ssh"}
+    with pytest.raises(InputError, match=r"stages\[3\]: backend ssh needs `ssh: \{host: ...\}`"):
+        parse_recipe(recipe)
+    recipe["stages"][3]["ssh"] = {"host": "orin", "device_profile": "orin_nano_jp6", "port": 2222}
+    stage = parse_recipe(recipe).stages[3]
+    assert stage.options()["host"] == "orin" and stage.options()["port"] == 2222
