@@ -18,7 +18,7 @@ from compress.data import ImageFolderData
 from compress.deploy.bench import bench_onnxruntime
 from compress.deploy.onnx_export import export_onnx
 from compress.evaluation import count_flops, count_params, evaluate
-from compress.models import ModelSpec, build_model, load_model, load_weights
+from compress.models import create_model
 from compress.recipe import DataConfig
 
 
@@ -42,28 +42,35 @@ def describe(name: str, model, data: ImageFolderData, batch_sizes, threads, tmp:
     }
 
 
+def quickstart_models(run: Path) -> dict[str, tuple[torch.nn.Module, str]]:
+    """The quick start's teacher and student (the distilled one from `run` when present), in eval
+    mode, each with where it came from."""
+    weights = require(SHARED / "weights" / "cifar_resnet")
+    teacher = create_model("cifar_resnet56", weights=weights / "resnet56-4bfd9763.th")[0]
+    distilled = sorted(Path(run).glob("*-distill/model.safetensors"))
+    if distilled:
+        student, source = create_model(str(distilled[-1]))[0], str(distilled[-1])
+    else:
+        student = create_model("cifar_resnet20", weights=weights / "resnet20-12fca82f.th")[0]
+        source = "pretrained resnet20 (no quickstart run found)"
+    return {
+        "teacher": (teacher.eval(), "pretrained resnet56"),
+        "student": (student.eval(), source),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run", type=Path, default=REPO / "runs" / "quickstart")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--test-per-class", type=int, default=None, help="default: the full test set")
     args = p.parse_args()
-    weights = require(SHARED / "weights" / "cifar_resnet")
     data = ImageFolderData(
         DataConfig(
             root=require(SHARED / "data" / "cifar10"), test_limit_per_class=args.test_per_class
         )
     )
-    teacher = build_model(ModelSpec("cifar_resnet56"))
-    load_weights(teacher, weights / "resnet56-4bfd9763.th")
-    distilled = sorted(args.run.glob("*-distill/model.safetensors"))
-    if distilled:
-        student, _ = load_model(distilled[-1])
-        student_source = str(distilled[-1])
-    else:
-        student = build_model(ModelSpec("cifar_resnet20"))
-        load_weights(student, weights / "resnet20-12fca82f.th")
-        student_source = "pretrained resnet20 (no quickstart run found)"
+    (teacher, _), (student, student_source) = quickstart_models(args.run).values()
     batch_sizes = (1, 32)
     with tempfile.TemporaryDirectory() as tmp:
         t = describe("teacher", teacher.eval(), data, batch_sizes, args.threads, Path(tmp))

@@ -28,7 +28,22 @@ def _input_size(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected B or B,B,... such as 1,32, got {text!r}"
+        ) from None
+    if any(b <= 0 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be > 0, got {text!r}")
+    return sizes
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from compress.deploy.bench import BACKENDS
+    from compress.deploy.devices import profile_names
+
     p = _Parser(prog="compress", description="Edge model compression toolchain.")
     p.add_argument("--version", action="version", version=f"compress {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,15 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--num-classes", type=int, help="classifier width (default: the model's)")
     x.add_argument("--no-dynamo", action="store_true", help="legacy TorchScript exporter")
 
-    b = sub.add_parser("bench", help="latency of an ONNX model")
+    b = sub.add_parser("bench", help="latency and throughput of an ONNX model (or engine)")
     b.add_argument("onnx", type=Path)
-    b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
-    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    b.add_argument(
+        "--batch-size", type=_batch_sizes, default=[1], metavar="B[,B...]", help="e.g. 1,8,32"
+    )
+    b.add_argument(
+        "--single-stream",
+        action="store_true",
+        help="MLPerf-SingleStream-like: batch 1, back-to-back queries, report p90",
+    )
     b.add_argument("--threads", type=int)
-    b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--min-iters", type=int, default=100)
-    b.add_argument("--min-duration", type=float, default=2.0, help="seconds per run")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs; statistics are medians")
+    b.add_argument("--warmup", type=int)
+    b.add_argument("--min-iters", type=int)
+    b.add_argument("--min-duration", type=float, help="seconds per run")
+    b.add_argument("--repeats", type=int, help="timed runs; statistics are medians")
+    b.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    g = b.add_argument_group("ssh backend (unset values come from ~/.ssh/config)")
+    g.add_argument("--host", help="host name or ~/.ssh/config alias")
+    g.add_argument("--user")
+    g.add_argument("--port", type=int)
+    g.add_argument("--identity-file", help="private key file")
+    g.add_argument("--known-hosts", help="known_hosts file (host keys are always checked)")
+    g.add_argument("--ssh-config", help="ssh config file instead of ~/.ssh/config")
+    g.add_argument("--remote-python", default="python3", help="remote interpreter with compress")
+    g.add_argument("--remote-backend", default="auto", choices=["auto", "compress", "trtexec"])
+    g.add_argument("--device-profile", help="Jetson profile: " + ", ".join(profile_names()))
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
     rp = sub.add_parser("report", help="render report.md and pareto.png of a run folder")
@@ -95,6 +129,8 @@ def cmd_run(args) -> int:
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    for warning in preflight_warnings(recipe):
+        logger.warning(warning)
     out = args.out or Path("runs") / recipe.name
     pipeline = Pipeline(recipe, out, fresh=args.fresh)
     report = pipeline.run()
@@ -109,12 +145,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def preflight_warnings(recipe) -> list[str]:
+    """Problems a stage will hit when it runs (e.g. TensorRT asked for but missing), by stage."""
+    return [
+        f"stages[{i}] ({stage.type}): {w}"
+        for i, stage in enumerate(recipe.stages)
+        for w in getattr(stage, "preflight_warnings", list)()
+    ]
+
+
 def cmd_validate(args) -> int:
     import yaml
 
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    for warning in preflight_warnings(recipe):
+        print(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# {args.recipe}: valid ({len(recipe.stages)} stages)", file=sys.stderr)
     return 0
@@ -173,29 +220,51 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from compress.deploy.bench import bench_onnxruntime
+def bench_options(args) -> dict:
+    """Backend-specific options from the command line."""
+    if args.backend == "onnxruntime":
+        return {"provider": args.provider}
+    if args.backend in ("tensorrt", "trtexec"):
+        return {"precision": args.precision}
+    keys = ("host", "user", "port", "identity_file", "known_hosts", "ssh_config")
+    keys += ("remote_python", "remote_backend", "device_profile", "precision")
+    return {k: getattr(args, k) for k in keys}
 
-    for flag in ("batch_size", "repeats", "min_iters"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag.replace('_', '-')}: must be > 0")
-    result = bench_onnxruntime(
+
+def cmd_bench(args) -> int:
+    from compress.deploy.bench import BenchSettings, bench_sweep
+    from compress.deploy.devices import load_profile
+
+    defaults = dict(BenchSettings().__dict__)
+    if args.device_profile:
+        defaults.update(load_profile(args.device_profile)["bench"])
+    given = {
+        "warmup": args.warmup,
+        "min_iters": args.min_iters,
+        "min_duration_s": args.min_duration,
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
+    settings = BenchSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    results = bench_sweep(
+        args.backend,
         args.onnx,
         args.batch_size,
-        args.threads,
-        args.warmup,
-        args.min_iters,
-        args.min_duration,
-        args.repeats,
+        settings,
+        bench_options(args),
+        single_stream=args.single_stream,
     )
     if args.json:
-        print(json.dumps(result))
-    else:
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
+        return 0
+    for r in results:
+        energy = r.get("energy_per_inference_mj")
         print(
-            f"{args.onnx} batch {result['batch_size']}, {result['threads']} threads, "
-            f"{result['iterations']} calls in {result['repeats']} runs (medians): p50 {result['p50_ms']:.3f} ms, p90 "
-            f"{result['p90_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms, "
-            f"{result['throughput_ips']:.1f} images/s"
+            f"{args.onnx} on {r['backend']} ({r.get('device')}), batch {r['batch_size']}, "
+            f"{r['iterations']} calls in {r['repeats']} runs (medians): p50 {r['p50_ms']:.3f} ms, "
+            f"p90 {r['p90_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+            f"{r['throughput_ips']:.1f} images/s"
+            + (f", {energy:.2f} mJ/inference" if energy else "")
         )
     return 0
 

@@ -115,7 +115,7 @@ def test_int8_on_cifar_keeps_accuracy_and_onnx_agrees(
     fp32, int8 = models["student"], models["01-quantize"]
     assert int8["top1"] >= fp32["top1"] - 1.5, (fp32["top1"], int8["top1"])
     export = report["stages"][2]["metrics"]
-    assert export["format"] == "onnx-qdq-int8"
+    assert export["onnx_form"] == "qdq-int8"
     assert export["torch_test_top1"] == int8["top1"]
     assert abs(export["onnx_test_top1"] - int8["top1"]) <= 0.3
     assert 7.9 < int8["bits_per_weight"] < 8.2 and int8["compression_ratio"] > 3.5

@@ -71,16 +71,30 @@ def export_onnx(
     return path
 
 
-def onnxruntime_session(path: Path, threads: int | None = None):
-    """A CPU inference session with all graph optimisations and an explicit thread count."""
+def onnxruntime_session(path: Path, threads: int | None = None, provider: str = "cpu"):
+    """An inference session with all graph optimisations and an explicit thread count.
+
+    `provider`: `cpu`, or `cuda` for the CUDA execution provider (an error names what is missing).
+    """
     import onnxruntime as ort
+
+    from compress.errors import InputError
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}.get(provider)
+    if providers is None:
+        raise InputError(f"onnxruntime provider {provider!r}: expected cpu or cuda")
+    if providers[0] not in ort.get_available_providers():
+        raise InputError(
+            f"onnxruntime {ort.__version__} has no {providers[0]} (available: "
+            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA host, "
+            "or use provider cpu"
+        )
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 @torch.no_grad()

@@ -1,0 +1,165 @@
+"""The ssh backend end to end against a real OpenSSH server started on localhost by the test.
+
+The server runs as the current user on a free port with a throwaway host key, client key and
+known_hosts file; the client reaches it through an alias in a generated ssh config file. The
+remote side runs `compress bench --backend onnxruntime` from this checkout (`remote_python`).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30
+    )
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A running sshd on 127.0.0.1 and an ssh config whose alias `device` points at it."""
+    if not Path(SSHD).exists() or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        pytest.skip("OpenSSH server/client not installed (Debian: apt-get install openssh-server)")
+    d = tmp_path_factory.mktemp("sshd")
+    os.chmod(d, 0o700)
+    _keygen(d / "host_key")
+    _keygen(d / "id")
+    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(d / "sshd.log", "w"),  # noqa: SIM115 - closed with the process
+    )
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.skip(f"sshd could not start: {(d / 'sshd.log').read_text()[-500:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.skip("sshd did not listen within 10 s")
+    host_key = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    (d / "config").write_text(
+        f"Host device\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+        f"  IdentityFile {d}/id\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
+    )
+    yield {"dir": d, "port": port, "config": str(d / "config")}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def onnx_with_external_data(tmp_path_factory, resnet20_weights) -> Path:
+    """A real exported CIFAR ResNet-20 whose weights live in `model.onnx.data` beside it."""
+    import onnx
+
+    from compress.deploy.onnx_export import export_onnx
+    from compress.models import create_model
+
+    d = tmp_path_factory.mktemp("model")
+    model = create_model("cifar_resnet20", weights=resnet20_weights)[0].eval()
+    plain = export_onnx(model, d / "plain.onnx", (3, 32, 32))
+    proto = onnx.load(str(plain))
+    onnx.save_model(
+        proto,
+        str(d / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    plain.unlink()
+    assert (d / "model.onnx.data").stat().st_size > (d / "model.onnx").stat().st_size
+    return d / "model.onnx"
+
+
+def _remote_temp_dirs() -> set[str]:
+    return {p.name for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("compress-bench.*")}
+
+
+REMOTE_PYTHON = f"env PYTHONPATH={REPO} {sys.executable}"
+QUICK = ["--warmup", "2", "--min-iters", "10", "--min-duration", "0.1", "--repeats", "2"]
+
+
+def test_ssh_bench_runs_remote_compress_through_a_config_alias(sshd, onnx_with_external_data):
+    before = _remote_temp_dirs()
+    result = run_cli(
+        "bench", str(onnx_with_external_data), "--backend", "ssh", "--host", "device",
+        "--ssh-config", sshd["config"], "--remote-python", REMOTE_PYTHON,
+        "--batch-size", "1,2", *QUICK, "--json", timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["backend"] == "ssh" and r["host"] == "device"
+        assert r["remote_backend"].startswith("compress") and "onnxruntime" in r["remote_backend"]
+        assert r["provider"] == "CPUExecutionProvider" and r["input_shape"][0] == r["batch_size"]
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0
+        assert r["iterations"] >= 20 and r["flags"]["repeats"] == 2
+        assert "compress" in r["device_info"] and "energy_per_inference_mj" not in r
+    assert _remote_temp_dirs() == before  # the remote temporary folder was removed
+
+
+def test_ssh_bench_reports_a_missing_remote_tool(sshd, onnx_with_external_data):
+    result = run_cli(
+        "bench", str(onnx_with_external_data), "--backend", "ssh", "--host", "device",
+        "--ssh-config", sshd["config"], "--remote-python", "/nonexistent/python", *QUICK,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "neither compress" in result.stderr and "nor trtexec" in result.stderr
+
+
+def test_ssh_bench_reports_a_refused_connection(sshd, onnx_with_external_data):
+    closed = _free_port()
+    result = run_cli(
+        "bench", str(onnx_with_external_data), "--backend", "ssh", "--host", "127.0.0.1",
+        "--port", str(closed), "--known-hosts", str(sshd["dir"] / "known_hosts"), *QUICK,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"127.0.0.1 port {closed}: connection refused" in result.stderr
+
+
+def test_ssh_bench_refuses_an_unknown_host_key(sshd, onnx_with_external_data, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    result = run_cli(
+        "bench", str(onnx_with_external_data), "--backend", "ssh", "--host", "device",
+        "--ssh-config", sshd["config"], "--known-hosts", str(empty), *QUICK,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "host key not known or changed" in result.stderr
