@@ -158,6 +158,8 @@ def main() -> None:
                     "onnx_test_top1": model["onnx_test_top1"],
                     "size_bytes": model["onnx_bytes"],
                     "size_is": "Q/DQ ONNX file",
+                    "huffman_size_bytes": None,
+                    "int8_size_bytes": model["quantized_size_bytes"],  # weights + scales
                 }
             )
         latency = {name: {} for name in onnx}
