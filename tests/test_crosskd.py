@@ -203,3 +203,30 @@ def test_scalekd_defaults_are_the_papers(small_recipe):
     )  # fmt: skip
     assert cfg.teacher_taps == cfg.student_taps == [-2, -1]
     assert cfg.cap and cfg.dfm and cfg.tpp and cfg.cache_teacher_logits is False
+
+
+def test_the_loop_trains_checkpoints_and_resumes_the_projectors(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compress.train.distributed import DistInfo
+    from compress.train.loop import CHECKPOINT, TrainingConfig, fit
+
+    t, s = _models("timm:vit_tiny_patch16_224", {**VIT32, "depth": 2}, "cifar_resnet20")
+    images = torch.randn(8, 3, 32, 32)
+    data = DataLoader(TensorDataset(images, torch.arange(8) % 10, torch.arange(8)), batch_size=4)
+
+    def objective():
+        return FeatureHintObjective(t, s, [-1], [-1], images[:2], 4.0, 0.9)
+
+    first = objective()
+    initial = {k: v.clone() for k, v in first.state_dict().items()}
+    cfg = TrainingConfig(epochs=1, lr=0.01)
+    fit(s, first, data, None, cfg, torch.device("cpu"), tmp_path, DistInfo())
+    trained = first.state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in trained.items())  # projectors learned
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert set(saved["model"]) == set(s.state_dict())  # the student's checkpoint stays bare
+    assert set(saved["objective"]) == set(trained)
+    resumed = objective()  # fresh projectors, then the checkpoint's
+    fit(s, resumed, data, None, cfg, torch.device("cpu"), tmp_path, DistInfo())
+    assert all(torch.equal(v, trained[k]) for k, v in resumed.state_dict().items())
