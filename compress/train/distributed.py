@@ -55,3 +55,11 @@ def all_reduce_sum(info: DistInfo, values: list[float], device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def average_gradients(info: DistInfo, module: torch.nn.Module) -> None:
+    """Average `module`'s gradients over ranks (for trained modules outside DDP)."""
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= info.world_size

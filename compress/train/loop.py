@@ -25,7 +25,7 @@ from compress.evaluation import evaluate
 from compress.io import atomic_path, write_text
 from compress.log import logger
 from compress.recipe import StrictModel
-from compress.train.distributed import DistInfo, all_reduce_sum, barrier
+from compress.train.distributed import DistInfo, all_reduce_sum, average_gradients, barrier
 from compress.train.hooks import TrainHooks
 
 Objective = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -106,10 +106,19 @@ def fit(
     seed: int = 0,
     hooks: TrainHooks | None = None,
 ) -> dict[str, Any]:
-    """Train `model` in place; resume from `stage_dir/checkpoint.pt` if present. Returns metrics."""
+    """Train `model` in place; resume from `stage_dir/checkpoint.pt` if present. Returns metrics.
+
+    An objective that is an `nn.Module` with parameters (e.g. feature projectors) is trained
+    alongside the model and checkpointed with it; it is never part of the model.
+    """
     hooks = hooks or TrainHooks()
     model.to(device)
-    optimizer = make_optimizer(model, cfg)
+    extra = objective if isinstance(objective, nn.Module) else None
+    trained: nn.Module = model
+    if extra is not None:
+        extra.to(device)
+        trained = nn.ModuleList([model, extra])  # a view for the optimiser, not a new model
+    optimizer = make_optimizer(trained, cfg)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -126,6 +135,8 @@ def fit(
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
+        if extra is not None:
+            extra.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -147,6 +158,8 @@ def fit(
             train_loader.generator.manual_seed(seed * 1000 + epoch)
         torch.manual_seed((seed * 1000 + epoch) * 64 + dist.rank)
         net.train()
+        if extra is not None:
+            extra.train()
         loss_sum = correct = seen = 0.0
         t0 = time.perf_counter()
         quarter = max(1, steps_per_epoch // 4)
@@ -167,10 +180,12 @@ def fit(
                 loss, logits = objective(net, images, labels, indices)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if extra is not None and dist.enabled:
+                average_gradients(dist, extra)  # DDP averages only the model's gradients
             hooks.before_step(model)
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -223,6 +238,7 @@ def fit(
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "history": history,
+                        **({"objective": extra.state_dict()} if extra is not None else {}),
                     },
                     tmp,
                 )
@@ -237,6 +253,8 @@ def fit(
 
     hooks.on_train_end(model)
     model.eval()
+    if extra is not None:
+        extra.eval()
     last = history[-1] if history else {}
     return {
         "epochs": cfg.epochs,

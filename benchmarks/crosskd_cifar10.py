@@ -1,0 +1,124 @@
+"""Cross-architecture distillation on CIFAR-10: a ViT teacher into a CNN student.
+
+The teacher is the ViT of recipes/vit_teacher_cifar10.yaml (architecture and optimiser from that
+file), trained here for `--teacher-epochs` on `--teacher-per-class` images per class. Every
+student row then trains cifar_resnet20 from scratch with the same data (`--per-class`, crop+flip),
+epochs, learning rate and seed:
+- no_kd: cross-entropy only (the train stage);
+- logits: Hinton KD;
+- feature: KD + hint loss on the last tap pair;
+- scalekd, and scalekd without each of its components (cap, dfm, tpp) in turn.
+All KD rows share one logit term (`--temperature`, `--alpha`; default ScaleKD's T 1, alpha 0.5),
+so the rows differ only in their feature terms. Last stdout line: JSON with `teacher_test_top1`
+and `rows` (method, test_top1, train_images_per_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks._common import REPO, SHARED, require, save
+from compress.io import read_json
+from compress.pipeline import Pipeline
+from compress.recipe import parse_recipe
+
+TEACHER_RECIPE = REPO / "recipes" / "vit_teacher_cifar10.yaml"
+ROWS = {
+    "no_kd": {"type": "train"},
+    "logits": {"type": "distill"},
+    "feature": {"type": "distill", "method": "feature"},
+    "scalekd": {"type": "distill", "method": "scalekd"},
+    "scalekd_no_cap": {"type": "distill", "method": "scalekd", "cap": False},
+    "scalekd_no_dfm": {"type": "distill", "method": "scalekd", "dfm": False},
+    "scalekd_no_tpp": {"type": "distill", "method": "scalekd", "tpp": False},
+}
+
+
+def run_recipe(recipe: dict, out: Path) -> tuple[dict, dict]:
+    """The last model's report entry and its stage's metrics."""
+    report = Pipeline(parse_recipe(recipe), out).run()
+    stage_dir = sorted(p for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())[-1]
+    return report["models"][-1], read_json(stage_dir / "stage.json")["metrics"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-per-class", type=int, default=None, help="default: all")
+    p.add_argument("--per-class", type=int, default=1000, help="student train images per class")
+    p.add_argument("--test-per-class", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=15, help="student epochs")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    args = p.parse_args()
+    shipped = yaml.safe_load(TEACHER_RECIPE.read_text())
+    data = {
+        "root": str(require(SHARED / "data" / "cifar10")),
+        "test_limit_per_class": args.test_per_class,
+        "augment": "crop_flip",
+        "batch_size": 128,
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train = {**shipped["stages"][0], "epochs": args.teacher_epochs}
+        teacher, teacher_metrics = run_recipe(
+            {
+                "name": "vit-teacher",
+                "data": {**data, "limit_per_class": args.teacher_per_class},
+                "student": shipped["student"],
+                "stages": [train],
+            },
+            tmp / "teacher",
+        )
+        print(
+            f"teacher: test top-1 {teacher['top1']:.2f}, "
+            f"{teacher_metrics['images_per_s']:.0f} train images/s",
+            flush=True,
+        )
+        base = {
+            "name": "crosskd",
+            "data": {**data, "limit_per_class": args.per_class},
+            "teacher": {"model": str(tmp / "teacher" / "00-train" / "model.safetensors")},
+            "student": "cifar_resnet20",
+        }
+        budget = {"epochs": args.epochs, "lr": args.lr, "warmup_epochs": 1}
+        kd = {"temperature": args.temperature, "alpha": args.alpha}
+        rows = []
+        for method in args.rows:
+            stage = {**ROWS[method], **budget, **(kd if method != "no_kd" else {})}
+            model, metrics = run_recipe({**base, "stages": [stage]}, tmp / method)
+            rows.append(
+                {
+                    "method": method,
+                    "test_top1": model["top1"],
+                    "train_images_per_s": metrics["images_per_s"],
+                    "projector_params": metrics.get("projector_params", 0),
+                }
+            )
+            print(f"{method}: {rows[-1]}", flush=True)
+    print(f"{'method':<18}{'top1':>8}{'img/s':>8}")
+    for r in rows:
+        print(f"{r['method']:<18}{r['test_top1']:>8.2f}{r['train_images_per_s']:>8.0f}")
+    save(
+        "crosskd_cifar10",
+        {
+            "teacher_test_top1": teacher["top1"],
+            "teacher_train_images_per_s": teacher_metrics["images_per_s"],
+            "teacher": {**shipped["student"], "epochs": args.teacher_epochs},
+            "settings": vars(args),
+            "wall_s": time.perf_counter() - started,
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
