@@ -4,9 +4,10 @@ update so a killed search resumes where it stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,17 @@ class SearchSettings:
     hidden: int = 30
     penalty_anneal_updates: int = 15
     seed: int = 0
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The policies are tiny: on one thread they run many times faster than on contended cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def phases(mode: str) -> list[str]:
@@ -105,12 +117,15 @@ class PolicySearch:
             return
         with atomic_path(self.work_dir / STATE_FILE) as tmp:
             torch.save(self._state(), tmp)
-        lines = "".join(json.dumps(r) + "\n" for r in self.records.values())
-        write_text(self.work_dir / HISTORY_FILE, lines)
+
+    def _write_history(self) -> None:
+        if self.writer:
+            lines = "".join(json.dumps(r) + "\n" for r in self.records.values())
+            write_text(self.work_dir / HISTORY_FILE, lines)
 
     def _resume(self) -> bool:
         history = self.work_dir / HISTORY_FILE
-        if history.is_file():  # candidates evaluated before a stop are not evaluated again
+        if history.is_file():
             for line in history.read_text().splitlines():
                 record = json.loads(line)
                 self.records[record["key"]] = record
@@ -187,12 +202,15 @@ class PolicySearch:
         )
         return rollout, Candidate.make(removed, scales)
 
-    def _score(self, candidate: Candidate, global_update: int) -> dict[str, Any]:
+    def _score(self, candidate: Candidate, phase: str, global_update: int) -> dict[str, Any]:
         key = candidate.key()
         if key not in self.records:
+            t0 = time.perf_counter()
             record = {"key": key, **candidate.to_dict(), **self.evaluate(candidate)}
             record.setdefault("violates", False)
+            record.update(phase=phase, update=global_update, eval_s=time.perf_counter() - t0)
             self.records[key] = record
+            self._write_history()  # a candidate evaluated before a stop is not evaluated again
         record = self.records[key]
         if record.get("reward_raw") is None:
             return {**record, "reward": INVALID}
@@ -243,18 +261,10 @@ class PolicySearch:
     def _one_update(self, phase: str, bar: tqdm) -> None:
         global_update = self.update + self.phase_index * self.s.updates
         rollouts, rewards, keys = [], [], []
-        for i in range(self.s.rollouts):
-            bar.set_postfix(
-                phase=phase, update=f"{self.update + 1}/{self.s.updates}", rollout=i + 1
-            )
-            rollout, candidate = self._rollout(phase)
-            known = candidate.key() in self.records
-            t0 = time.perf_counter()
-            scored = self._score(candidate, global_update)
-            if not known:
-                self.records[scored["key"]].update(
-                    phase=phase, update=global_update, eval_s=time.perf_counter() - t0
-                )
+        for _ in range(self.s.rollouts):
+            with one_thread():
+                rollout, candidate = self._rollout(phase)
+            scored = self._score(candidate, phase, global_update)
             rollouts.append(rollout)
             rewards.append(scored["reward"])
             keys.append(scored["key"])
@@ -267,7 +277,10 @@ class PolicySearch:
             bar.update(1)
         baseline = self.baseline.value
         if self.s.strategy == "policy_gradient":
-            reinforce_step(self.optimizer, rollouts, rewards, self.baseline, self.s.entropy_weight)
+            with one_thread():
+                reinforce_step(
+                    self.optimizer, rollouts, rewards, self.baseline, self.s.entropy_weight
+                )
         self.summaries.append(
             {
                 "phase": phase,
