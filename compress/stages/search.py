@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
+from torch.utils.data import RandomSampler
 
 from compress.errors import InputError, StageFailed
 from compress.evaluation import count_flops, count_params, evaluate
@@ -83,7 +84,7 @@ class SearchStage(StageConfig):
     candidate_images: int | None = Field(
         5000, gt=0, description="Train images candidates train on (null: the whole split)."
     )
-    candidate_lr: float = Field(0.01, gt=0, description="Peak LR of candidate fine-tuning.")
+    candidate_lr: float = Field(0.002, gt=0, description="Peak LR of candidate fine-tuning.")
     candidate_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd or adamw.")
     temperature: float = Field(4.0, gt=0, description="KD temperature of candidate training.")
     alpha: float = Field(0.9, ge=0, le=1, description="KD weight of candidate training.")
@@ -144,10 +145,15 @@ class CandidateEvaluator:
         train_idx = _sample(len(ctx.data.samples("train")), cfg.candidate_images, seed)
         val_idx = _sample(len(ctx.data.samples("val")), cfg.val_images, seed)
         self.val = ctx.data.loader("val", indices=val_idx)
+        # The eval transform (deterministic, so the teacher's logits are computed once for every
+        # candidate) in shuffled order: the split is stored class by class.
         self.train = ctx.data.loader(
-            "train", train=False, batch_size=cfg.candidate_batch_size, indices=train_idx
+            "train",
+            train=False,
+            batch_size=cfg.candidate_batch_size,
+            sampler=RandomSampler(range(len(train_idx))),  # drawn from the loop's seeded RNG
+            indices=train_idx,
         )
-        # Deterministic transform, so the teacher's logits are computed once for every candidate.
         logits = teacher_logits_once(ctx, train_idx) if cfg.candidate_steps else None
         self.objective = DistillationObjective(
             ctx.teacher, cfg.temperature, cfg.alpha, teacher_logits=logits
