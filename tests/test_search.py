@@ -162,12 +162,11 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path):
 
 
 FAMILIES = [
-    "cifar_resnet20",
-    "torchvision:resnet18",
-    "torchvision:resnet50",
-    "timm:resnet18",
-    "torchvision:mobilenet_v2",
-    "timm:mobilenetv2_100",
+    "cifar_resnet20",  # zero-pad shortcuts
+    "torchvision:resnet18",  # BasicBlock, projection shortcuts
+    "timm:resnet26",  # Bottleneck
+    "torchvision:mobilenet_v3_small",  # inverted residuals with squeeze-excitation
+    "timm:mobilenetv2_050",
 ]
 
 
@@ -262,15 +261,15 @@ def test_search_stage_finds_a_smaller_student_on_cifar(tmp_path, cifar_root, res
         "stages": [
             {
                 "type": "search",
-                "updates": 2,
+                "updates": 1,
                 "rollouts": 3,
                 "candidate_steps": 4,
                 "candidate_batch_size": 32,
-                "candidate_lr": 0.002,
+                "candidate_images": 200,
                 "val_images": 100,
                 "max_params": 250000,
             },
-            {"type": "distill", "epochs": 1, "lr": 0.002},
+            {"type": "distill", "epochs": 1, "lr": 0.002, "max_steps_per_epoch": 2},
         ],
     }
     path = write_recipe(tmp_path / "search.yaml", recipe)
@@ -279,7 +278,7 @@ def test_search_stage_finds_a_smaller_student_on_cifar(tmp_path, cifar_root, res
     assert result.returncode == 0, result.stderr[-3000:]
     stage = out / "00-search"
     history = [json.loads(line) for line in (stage / HISTORY_FILE).read_text().splitlines()]
-    assert 2 <= len(history) <= 12  # 2 phases x 2 updates x 3 rollouts, repeats evaluated once
+    assert 2 <= len(history) <= 6  # 2 phases x 1 update x 3 rollouts, repeats evaluated once
     assert len({h["key"] for h in history}) == len(history)
     assert {"removal", "shrink"} == {h["phase"] for h in history}
     report = read_json(out / "report.json")
