@@ -105,6 +105,32 @@ def test_policy_gradient_raises_probability_of_the_best_removal(tmp_path):
     assert all(changed), "every shrink-policy tensor (LSTM cell included) must be trained"
 
 
+def test_policies_transfer_to_a_teacher_with_more_units(tmp_path):
+    settings = SearchSettings(mode="joint", updates=2, rollouts=2, seed=3)
+    small = PolicySearch(_synthetic_units(4), _synthetic_reward, settings, tmp_path / "small")
+    small.run()
+    small.save_policies(tmp_path / "policy.pt")
+    large = PolicySearch(
+        _synthetic_units(6),
+        _synthetic_reward,
+        settings,
+        tmp_path / "large",
+        warm_start=tmp_path / "policy.pt",
+    )
+    for a, b in zip(small.removal.parameters(), large.removal.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rollout, candidate = large._rollout("joint")
+    assert len(rollout.actions) >= 6  # a keep/remove action for each of the 6 units, then scales
+    with pytest.raises(ValueError, match="scales"):
+        PolicySearch(
+            _synthetic_units(6),
+            _synthetic_reward,
+            SearchSettings(scales=[0.5, 1.0]),
+            tmp_path / "other",
+            warm_start=tmp_path / "policy.pt",
+        )
+
+
 def test_each_rollout_gets_its_own_advantage():
     policy = RemovalPolicy(len(FEATURES))
     optimizer = torch.optim.Adam(policy.parameters(), lr=0.01)

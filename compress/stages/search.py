@@ -31,7 +31,7 @@ from compress.search.surgery import Candidate, build_candidate, candidate_spec
 from compress.search.units import find_units
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 from compress.stages.training import teacher_logits_once
-from compress.train.distributed import DistInfo
+from compress.train.distributed import DistInfo, barrier
 from compress.train.loop import TrainingConfig, fit
 from compress.train.objectives import DistillationObjective
 
@@ -267,6 +267,7 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
     except ValueError as e:
         raise InputError(f"stages[{ctx.index}].warm_start: {e}") from None
     best = search.run()
+    barrier(ctx.dist)  # under torchrun every rank ran the same search; rank 0 saved the best
     if best is None:
         raise StageFailed(
             f"search: no candidate within the budgets among {len(search.records)} evaluated; "
