@@ -8,6 +8,7 @@ fine-tuned briefly with KD on cached teacher logits; accuracy comes from the val
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -125,7 +126,7 @@ def latency_ms(model: torch.nn.Module, input_size: tuple[int, int, int]) -> floa
 
     from compress.deploy.bench import time_calls
 
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # the teacher stays where it is
     x = torch.zeros(1, *input_size)
     with torch.no_grad():
         times = time_calls(lambda: model(x), warmup=3, min_iters=20, min_duration_s=0.2)
@@ -174,7 +175,7 @@ class CandidateEvaluator:
     def costs(self, model: torch.nn.Module) -> dict[str, float]:
         out: dict[str, float] = {
             "params": count_params(model),
-            "flops": count_flops(model.cpu(), self.input_size),
+            "flops": count_flops(model, self.input_size),
         }
         if self.cfg.cost == "latency" or self.cfg.max_latency_ms is not None:
             out["latency_ms"] = latency_ms(model, self.input_size)
