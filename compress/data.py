@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -236,9 +236,13 @@ class ImageFolderData:
         train: bool = False,
         batch_size: int | None = None,
         sampler: Sampler | None = None,
+        indices: Sequence[int] | None = None,
     ) -> DataLoader:
+        """Batches of `split` (only the samples at `indices` when given; each keeps its index)."""
         cfg = self.cfg
-        dataset = self.dataset(split, train)
+        dataset: Dataset = self.dataset(split, train)
+        if indices is not None:
+            dataset = Subset(dataset, list(indices))
         batch_size = batch_size or (cfg.batch_size if train else cfg.eval_batch_size)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(

@@ -302,4 +302,9 @@ def render(run_dir: Path | str) -> tuple[Path, Path]:
     md, png = run_dir / "report.md", run_dir / "pareto.png"
     write_text(md, render_markdown(report))
     render_pareto(report, png)
+    from compress.search.plot import render_search
+
+    for stage in report.get("stages", []):
+        if stage["type"] == "search":
+            render_search(run_dir / stage["dir"], stage.get("metrics", {}))
     return md, png

@@ -58,6 +58,8 @@ def check_spec(name: str) -> None:
     """Raise ValueError with a helpful message if `name` is not a model spec compress can build."""
     if name in CIFAR_NAMES:
         return
+    if name.startswith("search:"):  # a searched architecture: its base spec, then its surgery
+        return check_spec(name[7:])
     if name.startswith("timm:"):
         import timm
 
@@ -91,6 +93,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise InputError(str(e)) from None
     if name in CIFAR_NAMES:
         return cifar_resnet(CIFAR_NAMES[name], **kwargs)
+    if name.startswith("search:"):
+        from compress.search.surgery import rebuild
+
+        return rebuild(spec)
     if name.startswith("timm:"):
         import timm
 

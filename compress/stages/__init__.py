@@ -6,6 +6,7 @@ from compress.stages import (  # noqa: F401 - importing registers the stage type
     evaluate,
     export,
     quantize,
+    search,
     train,
 )
 from compress.stages.base import STAGES, StageConfig, StageContext, StageResult, register_stage

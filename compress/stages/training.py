@@ -70,19 +70,21 @@ def train_with(
 
 
 @torch.no_grad()
-def teacher_logits_once(ctx: StageContext) -> torch.Tensor:
-    """Teacher logits for every train sample (deterministic transform), cached in the stage folder."""
+def teacher_logits_once(ctx: StageContext, indices: list[int] | None = None) -> torch.Tensor:
+    """Teacher logits for every train sample (deterministic transform), cached in the stage folder;
+    with `indices`, only those rows are computed (the others stay zero)."""
     path = ctx.stage_dir / TEACHER_LOGITS
     if path.is_file():
         return torch.load(path, weights_only=True)
-    loader = ctx.data.loader("train", train=False)
+    loader = ctx.data.loader("train", train=False, indices=indices)
+    size = len(ctx.data.samples("train"))
     teacher, out = ctx.teacher, None
     for images, _, indices in tqdm(
         loader, desc="teacher logits", unit="batch", leave=False, disable=None
     ):
         logits = teacher(images.to(ctx.device)).float().cpu()
         if out is None:
-            out = torch.empty(len(loader.dataset), logits.shape[1])
+            out = torch.zeros(size, logits.shape[1])
         out[indices] = logits
     assert out is not None
     if ctx.dist.is_main:

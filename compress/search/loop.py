@@ -1,0 +1,300 @@
+"""The search loop: rollouts from the policies, candidates evaluated once each (by architecture
+hash), one REINFORCE update per batch of rollouts, and the whole state checkpointed after every
+update so a killed search resumes where it stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from compress.io import atomic_path, write_text
+from compress.log import logger
+from compress.search.policies import (
+    MovingBaseline,
+    RemovalPolicy,
+    Rollout,
+    ShrinkPolicy,
+    reinforce_step,
+)
+from compress.search.reward import INVALID, constrained_reward
+from compress.search.surgery import Candidate
+from compress.search.units import FEATURES, Unit, feature_matrix
+
+STATE_FILE = "search_state.pt"
+HISTORY_FILE = "history.jsonl"
+POLICY_FILE = "policy.pt"
+
+# evaluate(candidate) -> record with at least reward_raw (None when invalid) and violates
+Evaluate = Callable[[Candidate], dict[str, Any]]
+
+
+@dataclass
+class SearchSettings:
+    """What the loop needs from the stage config."""
+
+    mode: str = "sequential"  # sequential (removal then shrink), removal, shrink or joint
+    strategy: str = "policy_gradient"  # or random: uniform actions, no learning
+    updates: int = 10
+    rollouts: int = 5
+    scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    policy_lr: float = 0.01
+    entropy_weight: float = 0.0
+    baseline_decay: float = 0.9
+    hidden: int = 30
+    penalty_anneal_updates: int = 15
+    seed: int = 0
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The policies are tiny: on one thread they run many times faster than on contended cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def phases(mode: str) -> list[str]:
+    return ["removal", "shrink"] if mode == "sequential" else [mode]
+
+
+class PolicySearch:
+    """N2N-style search over `units`; `evaluate` scores a candidate (see `Evaluate`)."""
+
+    def __init__(
+        self,
+        units: list[Unit],
+        evaluate: Evaluate,
+        settings: SearchSettings,
+        work_dir: Path,
+        writer: bool = True,
+        warm_start: Path | None = None,
+    ):
+        self.units, self.evaluate, self.s = units, evaluate, settings
+        self.work_dir, self.writer = Path(work_dir), writer
+        n_features = len(FEATURES)
+        torch.manual_seed(settings.seed)  # policy initialisation
+        self.removal = RemovalPolicy(n_features, settings.hidden)
+        self.shrink = ShrinkPolicy(n_features, len(settings.scales), settings.hidden)
+        params = [*self.removal.parameters(), *self.shrink.parameters()]
+        self.optimizer = torch.optim.Adam(params, lr=settings.policy_lr)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.baseline = MovingBaseline(settings.baseline_decay)
+        self.phase_index = self.update = 0
+        self.summaries: list[dict[str, Any]] = []  # one per policy update
+        self.stage1: dict[str, Any] | None = None  # best removal-phase record
+        self.records: dict[str, dict[str, Any]] = {}  # architecture hash -> evaluation
+        if not self._resume() and warm_start is not None:
+            self.load_policies(warm_start)
+
+    # ------------------------------------------------------------------ state
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "phase_index": self.phase_index,
+            "update": self.update,
+            "removal": self.removal.state_dict(),
+            "shrink": self.shrink.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "baseline": self.baseline.value,
+            "generator": self.generator.get_state(),
+            "summaries": self.summaries,
+            "stage1": json.dumps(self.stage1),
+        }
+
+    def _checkpoint(self) -> None:
+        if not self.writer:
+            return
+        with atomic_path(self.work_dir / STATE_FILE) as tmp:
+            torch.save(self._state(), tmp)
+
+    def _write_history(self) -> None:
+        if self.writer:
+            lines = "".join(json.dumps(r) + "\n" for r in self.records.values())
+            write_text(self.work_dir / HISTORY_FILE, lines)
+
+    def _resume(self) -> bool:
+        history = self.work_dir / HISTORY_FILE
+        if history.is_file():
+            for line in history.read_text().splitlines():
+                record = json.loads(line)
+                self.records[record["key"]] = record
+        path = self.work_dir / STATE_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, weights_only=True)
+        self.removal.load_state_dict(state["removal"])
+        self.shrink.load_state_dict(state["shrink"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.baseline.value = state["baseline"]
+        self.generator.set_state(state["generator"])
+        self.phase_index, self.update = state["phase_index"], state["update"]
+        self.summaries, self.stage1 = state["summaries"], json.loads(state["stage1"])
+        logger.info(
+            f"search: resuming at {phases(self.s.mode)[min(self.phase_index, 1)]} "
+            f"update {self.update}/{self.s.updates} ({len(self.records)} candidates known)"
+        )
+        return True
+
+    def save_policies(self, path: Path) -> None:
+        """The trained policies, for a warm start on another teacher."""
+        with atomic_path(path) as tmp:
+            torch.save(
+                {
+                    "removal": self.removal.state_dict(),
+                    "shrink": self.shrink.state_dict(),
+                    "features": list(FEATURES),
+                    "scales": list(self.s.scales),
+                    "hidden": self.s.hidden,
+                },
+                tmp,
+            )
+
+    def load_policies(self, path: Path) -> None:
+        saved = torch.load(path, weights_only=True)
+        if saved["scales"] != list(self.s.scales) or saved["hidden"] != self.s.hidden:
+            raise ValueError(
+                f"{path}: policies saved with scales {saved['scales']} and hidden {saved['hidden']}"
+                f", this search uses {list(self.s.scales)} and {self.s.hidden}"
+            )
+        self.removal.load_state_dict(saved["removal"])
+        self.shrink.load_state_dict(saved["shrink"])
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _shrink_units(self) -> tuple[list[Unit], tuple[str, ...]]:
+        removed = tuple(self.stage1["candidate"]["removed"]) if self.stage1 else ()
+        return [u for u in self.units if u.shrinkable and u.name not in removed], removed
+
+    def _rollout(self, phase: str) -> tuple[Rollout, Candidate]:
+        uniform = self.s.strategy == "random"
+        removable = [u for u in self.units if u.removable]
+        removed: tuple[str, ...] = ()
+        parts: list[Rollout] = []
+        if phase in ("removal", "joint"):
+            r = self.removal.sample(feature_matrix(removable), self.generator, uniform)
+            removed = tuple(u.name for u, a in zip(removable, r.actions, strict=True) if a == 0)
+            parts.append(r)
+        scales: dict[str, float] = {}
+        if phase in ("shrink", "joint"):
+            if phase == "shrink":
+                targets, removed = self._shrink_units()
+            else:
+                targets = [u for u in self.units if u.shrinkable and u.name not in removed]
+            if targets:
+                r = self.shrink.sample(feature_matrix(targets), self.generator, uniform)
+                scales = {u.name: self.s.scales[a] for u, a in zip(targets, r.actions, strict=True)}
+                parts.append(r)
+        rollout = Rollout(
+            [a for p in parts for a in p.actions],
+            torch.stack([p.log_prob for p in parts]).sum(),
+            torch.stack([p.entropy for p in parts]).sum(),
+        )
+        return rollout, Candidate.make(removed, scales)
+
+    def _score(self, candidate: Candidate, phase: str, global_update: int) -> dict[str, Any]:
+        key = candidate.key()
+        if key not in self.records:
+            t0 = time.perf_counter()
+            record = {"key": key, **candidate.to_dict(), **self.evaluate(candidate)}
+            record.setdefault("violates", False)
+            record.update(phase=phase, update=global_update, eval_s=time.perf_counter() - t0)
+            self.records[key] = record
+            self._write_history()  # a candidate evaluated before a stop is not evaluated again
+        record = self.records[key]
+        if record.get("reward_raw") is None:
+            return {**record, "reward": INVALID}
+        reward = constrained_reward(
+            record["reward_raw"], record["violates"], global_update, self.s.penalty_anneal_updates
+        )
+        return {**record, "reward": reward}
+
+    def run(self) -> dict[str, Any]:
+        """Run (or finish) every phase; returns the best record within the budgets (or None)."""
+        names = phases(self.s.mode)
+        total = len(names) * self.s.updates * self.s.rollouts
+        done = (self.phase_index * self.s.updates + self.update) * self.s.rollouts
+        bar = tqdm(total=total, initial=done, desc="search", unit="candidate", disable=None)
+        while self.phase_index < len(names):
+            phase = names[self.phase_index]
+            if not self._phase_has_actions(phase):
+                logger.info(f"search: no units to act on in the {phase} phase, skipped")
+                self._next_phase(phase)
+                continue
+            while self.update < self.s.updates:
+                self._one_update(phase, bar)
+                self._checkpoint()
+            self._next_phase(phase)
+            self._checkpoint()
+        bar.close()
+        return self.best()
+
+    def _phase_has_actions(self, phase: str) -> bool:
+        if phase == "removal":
+            return any(u.removable for u in self.units)
+        if phase == "shrink":
+            return bool(self._shrink_units()[0])
+        return any(u.removable or u.shrinkable for u in self.units)
+
+    def _next_phase(self, phase: str) -> None:
+        if phase == "removal":
+            scored = [r for r in self.records.values() if r.get("phase") == "removal"]
+            valid = [r for r in scored if r.get("reward_raw") is not None and not r["violates"]]
+            pool = valid or [r for r in scored if r.get("reward_raw") is not None]
+            if pool:
+                self.stage1 = max(pool, key=lambda r: r["reward_raw"])
+                self.stage1 = {"candidate": {"removed": self.stage1["removed"]}}
+        self.phase_index += 1
+        self.update = 0
+        self.baseline = MovingBaseline(self.s.baseline_decay)  # a new action space
+
+    def _one_update(self, phase: str, bar: tqdm) -> None:
+        global_update = self.update + self.phase_index * self.s.updates
+        rollouts, rewards, keys = [], [], []
+        for _ in range(self.s.rollouts):
+            with one_thread():
+                rollout, candidate = self._rollout(phase)
+            scored = self._score(candidate, phase, global_update)
+            rollouts.append(rollout)
+            rewards.append(scored["reward"])
+            keys.append(scored["key"])
+            best = self.best()
+            bar.set_postfix(
+                phase=phase,
+                update=f"{self.update + 1}/{self.s.updates}",
+                best=f"{best['reward_raw']:.3f}" if best else "-",
+            )
+            bar.update(1)
+        baseline = self.baseline.value
+        if self.s.strategy == "policy_gradient":
+            with one_thread():
+                reinforce_step(
+                    self.optimizer, rollouts, rewards, self.baseline, self.s.entropy_weight
+                )
+        self.summaries.append(
+            {
+                "phase": phase,
+                "update": global_update,
+                "rewards": rewards,
+                "mean_reward": sum(rewards) / len(rewards),
+                "baseline": baseline,
+                "candidates": keys,
+            }
+        )
+        self.update += 1
+
+    def best(self) -> dict[str, Any] | None:
+        """The candidate with the highest reward among the valid ones within the budgets."""
+        ok = [r for r in self.records.values() if r.get("reward_raw") is not None]
+        ok = [r for r in ok if not r["violates"]]
+        return max(ok, key=lambda r: r["reward_raw"]) if ok else None

@@ -1,0 +1,321 @@
+"""The search stage: unit extraction and surgery on each supported family, the reward, the
+policy gradient, resume, and a real search on CIFAR-10 with the pretrained ResNet-20."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import InputError
+from compress.io import read_json
+from compress.models import create_model, load_model, save_model
+from compress.search.loop import HISTORY_FILE, PolicySearch, SearchSettings
+from compress.search.policies import MovingBaseline, RemovalPolicy, reinforce_step
+from compress.search.reward import constrained_reward, reward
+from compress.search.surgery import Candidate, build_candidate, candidate_spec, shrink
+from compress.search.units import FEATURES, Unit, feature_matrix, find_units
+from tests.conftest import run_cli, write_recipe
+
+SIZE = (3, 32, 32)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- reward
+
+
+def test_reward_formula_and_budget_penalties():
+    # C = 1 - 25/100 = 0.75: R = 0.75 * 1.25 * 90/92
+    assert reward(90.0, 92.0, 25.0, 100.0) == pytest.approx(0.75 * 1.25 * 90 / 92)
+    assert reward(92.0, 92.0, 100.0, 100.0) == 0.0  # the teacher itself earns nothing
+    assert reward(92.0, 92.0, 0.0, 100.0) == pytest.approx(1.0)
+    raw = 0.6
+    assert constrained_reward(raw, False, 3, 15) == raw  # within budget: untouched
+    soft = constrained_reward(raw, True, 0, 15)  # eps = 1 at the start: (1 - 1) + 1 * R
+    assert soft == pytest.approx(raw)
+    middle = constrained_reward(raw, True, 5, 15)  # eps = (2/3)^4
+    eps = (2 / 3) ** 4
+    assert middle == pytest.approx(eps - 1 + eps * raw)
+    assert constrained_reward(raw, True, 15, 15) == -1.0  # annealed: a hard -1
+    assert constrained_reward(raw, True, 40, 15) == -1.0
+
+
+# ---------------------------------------------------------------- policies and loop
+
+
+def _synthetic_units(n: int) -> list[Unit]:
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(n, len(FEATURES), generator=g).tolist()
+    return [
+        Unit(f"block{i}", "basic", True, ["conv1"], dict(zip(FEATURES, values[i], strict=True)))
+        for i in range(n)
+    ]
+
+
+TARGET_REMOVED = {"block0", "block1", "block2"}
+
+
+def _synthetic_reward(candidate: Candidate) -> dict:
+    """Highest when exactly TARGET_REMOVED is removed; scales of 0.5 are rewarded in shrinkage."""
+    names = [f"block{i}" for i in range(6)]
+    hits = sum((u in candidate.removed) == (u in TARGET_REMOVED) for u in names)
+    halves = sum(s == 0.5 for _, s in candidate.scales)
+    return {"reward_raw": hits / 6 + 0.1 * halves, "violates": False}
+
+
+def _target_probability(policy: RemovalPolicy, units: list[Unit]) -> float:
+    with torch.no_grad():
+        probs = policy(feature_matrix(units)).softmax(-1)
+    keep = [0 if u.name in TARGET_REMOVED else 1 for u in units]
+    return float(torch.stack([probs[i, a] for i, a in enumerate(keep)]).prod())
+
+
+def test_policy_gradient_raises_probability_of_the_best_removal(tmp_path):
+    units = _synthetic_units(6)
+    settings = SearchSettings(mode="removal", updates=25, rollouts=8, policy_lr=0.01, seed=1)
+    search = PolicySearch(units, _synthetic_reward, settings, tmp_path)
+    before = _target_probability(search.removal, units)
+    shrink_before = [p.detach().clone() for p in search.shrink.parameters()]
+    search.run()
+    after = _target_probability(search.removal, units)
+    assert before < 0.05 and after > 0.5, (before, after)
+    means = [s["mean_reward"] for s in search.summaries]
+    assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 0.2, means
+    assert search.best()["removed"] == sorted(TARGET_REMOVED)
+    # The removal phase never touches the shrink policy; the shrink phase trains every part of it
+    assert all(
+        torch.equal(a, b) for a, b in zip(shrink_before, search.shrink.parameters(), strict=True)
+    )
+    shrink_search = PolicySearch(
+        units,
+        _synthetic_reward,
+        SearchSettings(mode="shrink", updates=3, rollouts=4, seed=1),
+        tmp_path / "shrink",
+    )
+    start = [p.detach().clone() for p in shrink_search.shrink.parameters()]
+    shrink_search.run()
+    changed = [
+        not torch.equal(a, b) for a, b in zip(start, shrink_search.shrink.parameters(), strict=True)
+    ]
+    assert all(changed), "every shrink-policy tensor (LSTM cell included) must be trained"
+
+
+def test_policies_transfer_to_a_teacher_with_more_units(tmp_path):
+    settings = SearchSettings(mode="joint", updates=2, rollouts=2, seed=3)
+    small = PolicySearch(_synthetic_units(4), _synthetic_reward, settings, tmp_path / "small")
+    small.run()
+    small.save_policies(tmp_path / "policy.pt")
+    large = PolicySearch(
+        _synthetic_units(6),
+        _synthetic_reward,
+        settings,
+        tmp_path / "large",
+        warm_start=tmp_path / "policy.pt",
+    )
+    for a, b in zip(small.removal.parameters(), large.removal.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rollout, candidate = large._rollout("joint")
+    assert len(rollout.actions) >= 6  # a keep/remove action for each of the 6 units, then scales
+    with pytest.raises(ValueError, match="scales"):
+        PolicySearch(
+            _synthetic_units(6),
+            _synthetic_reward,
+            SearchSettings(scales=[0.5, 1.0]),
+            tmp_path / "other",
+            warm_start=tmp_path / "policy.pt",
+        )
+
+
+def test_each_rollout_gets_its_own_advantage():
+    policy = RemovalPolicy(len(FEATURES))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=0.01)
+    x = feature_matrix(_synthetic_units(4))
+    rollouts = [policy.sample(x, torch.Generator().manual_seed(i)) for i in range(3)]
+    baseline = MovingBaseline(0.9, value=0.5)
+    advantages = reinforce_step(optimizer, rollouts, [0.2, 0.5, 0.9], baseline)
+    assert advantages == pytest.approx([-0.3, 0.0, 0.4])
+    assert baseline.value == pytest.approx(0.9 * 0.5 + 0.1 * (1.6 / 3))
+
+
+def _without_times(path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "eval_s"}
+        for line in path.read_text().splitlines()
+    ]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(tmp_path):
+    units = _synthetic_units(6)
+    settings = SearchSettings(mode="joint", updates=4, rollouts=3, seed=2)
+    calls = []
+
+    def counting(candidate):
+        calls.append(candidate.key())
+        return _synthetic_reward(candidate)
+
+    PolicySearch(units, counting, settings, tmp_path / "whole").run()
+    whole = _without_times(tmp_path / "whole" / HISTORY_FILE)
+    whole_calls = len(calls)
+
+    calls.clear()
+
+    def dying(candidate):
+        if len(calls) == 7:  # killed during the third update
+            raise _Interrupted
+        return counting(candidate)
+
+    with pytest.raises(_Interrupted):
+        PolicySearch(units, dying, settings, tmp_path / "cut").run()
+    state = torch.load(tmp_path / "cut" / "search_state.pt", weights_only=True)
+    assert state["update"] == 2  # checkpointed after each finished update
+    resumed = PolicySearch(units, counting, settings, tmp_path / "cut")
+    assert resumed.update == 2
+    resumed.run()
+    assert _without_times(tmp_path / "cut" / HISTORY_FILE) == whole
+    assert len(calls) == whole_calls  # nothing evaluated twice
+
+
+# ---------------------------------------------------------------- surgery
+
+
+FAMILIES = [
+    "cifar_resnet20",  # zero-pad shortcuts
+    "torchvision:resnet18",  # BasicBlock, projection shortcuts
+    "timm:resnet26",  # Bottleneck
+    "torchvision:mobilenet_v3_small",  # inverted residuals with squeeze-excitation
+    "timm:mobilenetv2_050",
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_surgery_keeps_forward_valid_and_lowers_params(name, tmp_path):
+    torch.manual_seed(0)
+    teacher, spec = create_model(name, num_classes=10)
+    teacher.eval()
+    units = find_units(teacher, SIZE)
+    removable = [u.name for u in units if u.removable]
+    assert removable and any(u.shrinkable for u in units)
+    candidate = Candidate.make(removable[:2], {u.name: 0.5 for u in units})
+    student = build_candidate(teacher, units, candidate, SIZE)
+    x = torch.randn(2, *SIZE)
+    assert student(x).shape == (2, 10)
+    assert _params(student) < _params(teacher)
+    for removed in removable[:2]:
+        assert isinstance(student.get_submodule(removed), nn.Identity)
+    # Saved like any model, it rebuilds from its spec with the same outputs
+    path = save_model(
+        student, candidate_spec(spec, student, units, candidate, SIZE), tmp_path / "s.safetensors"
+    )
+    again, again_spec = load_model(path)
+    assert again_spec.name == "search:" + name
+    torch.testing.assert_close(again.eval()(x), student(x))
+
+
+def test_candidates_inherit_the_teachers_weights(resnet20_weights):
+    teacher, _ = create_model("cifar_resnet20", weights=resnet20_weights)
+    teacher.eval()
+    units = find_units(teacher, SIZE)
+    x = torch.randn(4, *SIZE)
+    same = build_candidate(teacher, units, Candidate(), SIZE)
+    torch.testing.assert_close(same(x), teacher(x), rtol=0, atol=0)
+    shrunk = build_candidate(teacher, units, Candidate.make([], {"layer3.1": 0.5}), SIZE)
+    kept = shrunk.layer3[1].conv1.weight
+    full = teacher.layer3[1].conv1.weight
+    assert kept.shape[0] == 32
+    # every kept filter is one of the teacher's filters, the largest ones by group magnitude
+    matches = [(full == k).all(dim=(1, 2, 3)).nonzero().flatten().tolist() for k in kept]
+    assert all(len(m) == 1 for m in matches)
+    torch.testing.assert_close(shrunk.layer3[0].conv1.weight, teacher.layer3[0].conv1.weight)
+    fresh = build_candidate(teacher, units, Candidate(), SIZE, reinit=True)
+    assert not torch.equal(fresh.conv1.weight, teacher.conv1.weight)
+
+
+def test_shrinkage_keeps_the_zero_pad_shortcut_stream(resnet56_weights):
+    teacher, _ = create_model("cifar_resnet56", weights=resnet56_weights)
+    teacher.eval()
+    units = find_units(teacher, SIZE)
+    assert len(units) == 27 and sum(u.removable for u in units) == 25  # 2 blocks downsample
+    student = build_candidate(
+        teacher, units, Candidate.make([], {u.name: 0.25 for u in units}), SIZE
+    )
+    blocks = [m for layer in (student.layer1, student.layer2, student.layer3) for m in layer]
+    assert [b.conv2.out_channels for b in blocks] == [16] * 9 + [32] * 9 + [64] * 9
+    assert [b.conv1.out_channels for b in blocks] == [8] * 9 + [8] * 9 + [16] * 9
+    assert student(torch.randn(1, *SIZE)).shape == (1, 10)
+    assert _params(student) < 0.5 * _params(teacher)
+    # The stream is coupled across blocks by the parameter-free shortcut: shrinking it is refused
+    with pytest.raises(ValueError, match="shared beyond its block"):
+        shrink(teacher, {"layer1.0": {"conv2": 8}}, SIZE)
+
+
+def test_unsupported_model_is_named():
+    plain = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
+    with pytest.raises(
+        InputError, match=r"cannot decompose torch\.nn\.modules\.container\.Sequential"
+    ):
+        find_units(plain, SIZE)
+
+
+# ---------------------------------------------------------------- the stage, end to end
+
+
+def test_search_stage_finds_a_smaller_student_on_cifar(tmp_path, cifar_root, resnet20_weights):
+    weights = str(resnet20_weights)
+    recipe = {
+        "name": "search-small",
+        "seed": 0,
+        "data": {
+            "root": str(cifar_root),
+            "limit_per_class": 40,
+            "test_limit_per_class": 20,
+            "augment": "none",
+            "val_fraction": 0.25,
+        },
+        "teacher": {"model": "cifar_resnet20", "weights": weights},
+        "student": {"model": "cifar_resnet20", "weights": weights},
+        "stages": [
+            {
+                "type": "search",
+                "updates": 1,
+                "rollouts": 3,
+                "candidate_steps": 4,
+                "candidate_batch_size": 32,
+                "candidate_images": 200,
+                "val_images": 100,
+                "max_params": 250000,
+            },
+            {"type": "distill", "epochs": 1, "lr": 0.002, "max_steps_per_epoch": 2},
+        ],
+    }
+    path = write_recipe(tmp_path / "search.yaml", recipe)
+    out = tmp_path / "run"
+    result = run_cli("run", str(path), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = out / "00-search"
+    history = [json.loads(line) for line in (stage / HISTORY_FILE).read_text().splitlines()]
+    assert 2 <= len(history) <= 6  # 2 phases x 1 update x 3 rollouts, repeats evaluated once
+    assert len({h["key"] for h in history}) == len(history)
+    assert {"removal", "shrink"} == {h["phase"] for h in history}
+    report = read_json(out / "report.json")
+    metrics = next(s for s in report["stages"] if s["type"] == "search")["metrics"]
+    models = {m["name"]: m for m in report["models"]}
+    assert models["00-search"]["params"] == metrics["best_params"] <= 250000
+    assert models["00-search"]["params"] < models["teacher"]["params"]
+    best = max((h for h in history if not h["violates"]), key=lambda h: h["reward_raw"])
+    assert metrics["best_reward"] == best["reward_raw"] > 0
+    assert metrics["teacher_val_top1"] > 60  # the pretrained ResNet-20 on held-out train images
+    assert best["val_top1"] > 20  # far above chance (10%) after a few KD steps
+    student, spec = load_model(out / "01-distill" / "model.safetensors")
+    assert spec.name == "search:cifar_resnet20"
+    assert (stage / "policy.pt").is_file()
