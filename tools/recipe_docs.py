@@ -6,6 +6,7 @@ A test checks the file is current, so every field the schema takes is documented
 from __future__ import annotations
 
 import sys
+import re
 import typing
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def _type_name(annotation) -> str:
     for prefix in ("typing.", "pathlib.", "compress.recipe."):
         text = text.replace(prefix, "")
     text = text.replace("NoneType", "null")
+    text = re.sub(r"Annotated\[(\w+), Gt\(gt=(\d+)\)\]", r"\1 > \2", text)
     return text.replace("|", "\\|")
 
 

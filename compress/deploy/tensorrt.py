@@ -30,6 +30,12 @@ class TensorRTUnavailable(StageFailed):
     """TensorRT or a CUDA device is missing."""
 
 
+def tensorrt_warnings(what: str) -> list[str]:
+    """The warning `compress validate` gives for `what` (e.g. 'export format') needing TensorRT."""
+    problem = tensorrt_problem()
+    return [f"{what} tensorrt: {problem}; this stage will fail"] if problem else []
+
+
 def tensorrt_problem() -> str | None:
     """Why TensorRT engines cannot be built or timed here, or None when they can."""
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveInt, field_validator
 
 from compress.deploy.onnx_export import OnnxRuntimeModel, check_parity, export_onnx
 from compress.errors import StageFailed
@@ -43,7 +43,7 @@ class ExportStage(StageConfig):
         "fp32",
         description="TensorRT engine precision; int8 needs a Q/DQ ONNX model (explicit quantization).",
     )
-    batch_sizes: list[int] = Field(
+    batch_sizes: list[PositiveInt] = Field(
         [1, 32], min_length=1, description="TensorRT optimisation profile: min..max batch."
     )
     timing_cache: Path | None = Field(
@@ -53,20 +53,10 @@ class ExportStage(StageConfig):
 
     _resolve_cache = field_validator("timing_cache", mode="before")(_resolve_path)
 
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(b <= 0 for b in v):
-            raise ValueError("every batch size must be > 0")
-        return v
-
     def preflight_warnings(self) -> list[str]:
-        if self.format != "tensorrt":
-            return []
-        from compress.deploy.tensorrt import tensorrt_problem
+        from compress.deploy.tensorrt import tensorrt_warnings
 
-        problem = tensorrt_problem()
-        return [f"export format tensorrt: {problem}; this stage will fail"] if problem else []
+        return tensorrt_warnings("export format") if self.format == "tensorrt" else []
 
 
 @register_stage("export", ExportStage)
