@@ -5,8 +5,8 @@ A test checks the file is current, so every field the schema takes is documented
 
 from __future__ import annotations
 
-import sys
 import re
+import sys
 import typing
 from pathlib import Path
 
