@@ -1,8 +1,8 @@
 """Deployment latency: the teacher and the shipped recipes' students on every backend here.
 
 Latency p50/p90/p99 at batch 1 and throughput at batch 32 for each model on onnxruntime CPU, and
-where present onnxruntime CUDA and TensorRT FP32/FP16/INT8 (INT8 from a Q/DQ model calibrated on
-real test images), with speed-ups against the teacher on the same backend. A recipe's student is
+where present onnxruntime CUDA and TensorRT FP32/FP16/INT8 (INT8 from compress's Q/DQ route,
+calibrated on real test images), with speed-ups against the teacher on the same backend. A recipe's student is
 the last stage's model in `runs/<recipe name>` (run the recipe first); without one, the quick
 start's student is the pretrained ResNet-20 it starts from.
 Last stdout line: JSON with `rows` (model, backend, precision, batch_size, p50/p90/p99, throughput)
@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
+import torch
 import yaml
 
 from benchmarks._common import REPO, SHARED, require, save
@@ -23,41 +23,18 @@ from benchmarks.quickstart_models import quickstart_models
 from compress.deploy.bench import BenchSettings, bench_sweep, cpu_name
 from compress.deploy.onnx_export import export_onnx
 from compress.models import create_model
+from compress.quant.int8 import calibrate, export_int8_onnx, is_int8, quantize_int8
 
 
-def qdq_onnx(onnx_path: Path, out_path: Path, calibration: np.ndarray | None = None) -> Path:
-    """A Q/DQ INT8 copy of the model by onnxruntime's static quantization: symmetric (zero-point 0)
-    per-channel weights and per-tensor activations, as TensorRT's explicit quantization expects.
-    `calibration`: NCHW float32 images (random inputs when None, for timing only)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    if calibration is None:
-        calibration = np.random.default_rng(0).standard_normal((32, 3, 32, 32), dtype=np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 16)))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch.astype(np.float32)}
-
-    quantize_static(
-        str(onnx_path),
-        str(out_path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
-    return out_path
+def int8_onnx(model, out_path: Path, calibration: torch.Tensor) -> Path:
+    """`model` through compress's INT8 route shaped for TensorRT (symmetric per-channel weights,
+    signed activations), calibrated on `calibration` images, as Q/DQ ONNX."""
+    input_size = tuple(calibration.shape[1:])
+    if not is_int8(model):
+        model = quantize_int8(model, "tensorrt", input_size)
+        batches = [(b,) for b in calibration.split(32)]
+        calibrate(model, batches, torch.device("cpu"), len(batches))
+    return export_int8_onnx(model, out_path, input_size)
 
 
 def shipped_students(runs: Path) -> dict[str, tuple[object, str]]:
@@ -85,14 +62,14 @@ def backends() -> list[tuple[str, str, dict]]:
     return found
 
 
-def calibration_images(n: int = 256) -> np.ndarray:
+def calibration_images(n: int = 256) -> torch.Tensor:
     from compress.data import ImageFolderData
     from compress.recipe import DataConfig
 
     data = ImageFolderData(
         DataConfig(root=require(SHARED / "data" / "cifar10"), test_limit_per_class=n // 10)
     )
-    return next(iter(data.loader("test", batch_size=n)))[0].numpy()
+    return next(iter(data.loader("test", batch_size=n)))[0]
 
 
 def main() -> None:
@@ -110,11 +87,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         calib = calibration_images() if any(p == "int8" for _, p, _ in available) else None
         for i, (name, (model, _)) in enumerate(models.items()):
-            onnx = export_onnx(model, Path(tmp) / f"m{i}.onnx", (3, 32, 32))
+            if is_int8(model):  # an INT8 student runs as its Q/DQ model on every backend
+                onnx = export_int8_onnx(model, Path(tmp) / f"m{i}.onnx", (3, 32, 32))
+            else:
+                onnx = export_onnx(model, Path(tmp) / f"m{i}.onnx", (3, 32, 32))
             for backend, precision, options in available:
                 path = onnx
-                if precision == "int8":
-                    path = qdq_onnx(onnx, Path(tmp) / f"m{i}.qdq.onnx", calib)
+                if precision == "int8" and not is_int8(model):
+                    path = int8_onnx(model, Path(tmp) / f"m{i}.qdq.onnx", calib)
                 label = backend + (f"-{options['provider']}" if "provider" in options else "")
                 for r in bench_sweep(backend, path, [1, 32], settings, options):
                     rows.append(

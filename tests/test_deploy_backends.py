@@ -7,8 +7,9 @@ import json
 import shutil
 
 import pytest
+import torch
 
-from benchmarks.deploy_latency import qdq_onnx
+from benchmarks.deploy_latency import int8_onnx
 from compress.deploy.bench import COMMON_FIELDS, BenchSettings, bench_sweep
 from compress.deploy.devices import load_profile, profile_names
 from compress.deploy.ssh import RemoteError, check_profile
@@ -22,12 +23,17 @@ needs_trt = pytest.mark.skipif(TRT_PROBLEM is not None, reason=f"no TensorRT her
 
 
 @pytest.fixture(scope="module")
-def student_onnx(tmp_path_factory, resnet20_weights):
-    from compress.deploy.onnx_export import export_onnx
+def student(resnet20_weights):
     from compress.models import create_model
 
-    model = create_model("cifar_resnet20", weights=resnet20_weights)[0].eval()
-    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "student.onnx", (3, 32, 32))
+    return create_model("cifar_resnet20", weights=resnet20_weights)[0].eval()
+
+
+@pytest.fixture(scope="module")
+def student_onnx(tmp_path_factory, student):
+    from compress.deploy.onnx_export import export_onnx
+
+    return export_onnx(student, tmp_path_factory.mktemp("onnx") / "student.onnx", (3, 32, 32))
 
 
 def test_batch_sweep_records_common_fields_and_flags(student_onnx):
@@ -113,12 +119,12 @@ def test_tensorrt_engine_builds_with_metadata_and_times(student_onnx, tmp_path, 
 
 
 @needs_trt
-def test_tensorrt_int8_engine_from_qdq_onnx(student_onnx, tmp_path):
+def test_tensorrt_int8_engine_from_qdq_onnx(student, student_onnx, tmp_path):
     from compress.deploy.tensorrt import bench_tensorrt, build_engine
 
     with pytest.raises(InputError, match="needs a Q/DQ ONNX model"):
         build_engine(student_onnx, tmp_path / "bad.engine", "int8")
-    qdq = qdq_onnx(student_onnx, tmp_path / "student.qdq.onnx")
+    qdq = int8_onnx(student, tmp_path / "student.qdq.onnx", torch.randn(32, 3, 32, 32))
     meta = build_engine(qdq, tmp_path / "student.int8.engine", "int8", [1])
     assert meta["precision_source"] == "Q/DQ nodes"
     assert bench_tensorrt(tmp_path / "student.int8.engine", 1, QUICK)["p50_ms"] > 0
@@ -131,7 +137,7 @@ def test_trtexec_backend_builds_and_times(student_onnx):
     assert 0 < r["p50_ms"] <= r["p99_ms"] and r["iterations"] > 0
 
 
-def test_qdq_model_for_int8_engines_keeps_predictions(student_onnx, tmp_path, cifar_root):
+def test_qdq_model_for_int8_engines_keeps_predictions(student, student_onnx, tmp_path, cifar_root):
     """The INT8 route's Q/DQ model (symmetric, as TensorRT needs) still classifies like FP32."""
     import numpy as np
     import onnx
@@ -142,15 +148,19 @@ def test_qdq_model_for_int8_engines_keeps_predictions(student_onnx, tmp_path, ci
     from compress.recipe import DataConfig
 
     data = ImageFolderData(DataConfig(root=cifar_root, test_limit_per_class=20))
-    images = next(iter(data.loader("test", batch_size=200)))[0].numpy()
-    qdq = qdq_onnx(student_onnx, tmp_path / "student.qdq.onnx", images[:64])
+    images = next(iter(data.loader("test", batch_size=200)))[0]
+    qdq = int8_onnx(student, tmp_path / "student.qdq.onnx", images[:64])
+    images = images.numpy()
     assert has_qdq(qdq) and not has_qdq(student_onnx)
-    zero_points = [
-        onnx.numpy_helper.to_array(t)
-        for t in onnx.load(str(qdq)).graph.initializer
-        if t.name.endswith("zero_point")
-    ]
-    assert zero_points and all((z == 0).all() for z in zero_points)
+    graph = onnx.load(str(qdq)).graph
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update(
+        (n.output[0], onnx.numpy_helper.to_array(n.attribute[0].t))
+        for n in graph.node
+        if n.op_type == "Constant"
+    )
+    zero_points = [constants[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     fp32 = onnxruntime_session(student_onnx, 1).run(None, {"input": images})[0]
     int8 = onnxruntime_session(qdq, 1).run(None, {"input": images})[0]
     assert np.mean(fp32.argmax(1) == int8.argmax(1)) >= 0.9
