@@ -34,6 +34,8 @@ POLICY_FILE = "policy.pt"
 
 # evaluate(candidate) -> record with at least reward_raw (None when invalid) and violates
 Evaluate = Callable[[Candidate], dict[str, Any]]
+# share(records) -> every rank's records, concatenated (all_gather under torchrun)
+Share = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -79,9 +81,19 @@ class PolicySearch:
         work_dir: Path,
         writer: bool = True,
         warm_start: Path | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        share: Share | None = None,
+        on_update: Callable[[dict[str, Any] | None], None] | None = None,
     ):
+        """Under torchrun every rank samples the same rollouts (same seed); the new candidates
+        of an update are split across ranks (`rank`, `world_size`) and their records pooled with
+        `share`. `on_update(best)` runs on every rank after each update's records are in."""
         self.units, self.evaluate, self.s = units, evaluate, settings
         self.work_dir, self.writer = Path(work_dir), writer
+        self.rank, self.world_size = rank, world_size
+        self.share = share or (lambda records: records)
+        self.on_update = on_update
         n_features = len(FEATURES)
         torch.manual_seed(settings.seed)  # policy initialisation
         self.removal = RemovalPolicy(n_features, settings.hidden)
@@ -202,16 +214,32 @@ class PolicySearch:
         )
         return rollout, Candidate.make(removed, scales)
 
-    def _score(self, candidate: Candidate, phase: str, global_update: int) -> dict[str, Any]:
-        key = candidate.key()
-        if key not in self.records:
+    def _evaluate_new(
+        self, candidates: list[Candidate], phase: str, global_update: int, bar: tqdm
+    ) -> None:
+        """Evaluate the candidates not seen before, each once, this rank's share of them."""
+        by_key = {c.key(): c for c in candidates if c.key() not in self.records}
+        mine = list(by_key)[self.rank :: self.world_size]
+        new = []
+        for key in mine:
             t0 = time.perf_counter()
-            record = {"key": key, **candidate.to_dict(), **self.evaluate(candidate)}
+            record = {"key": key, **by_key[key].to_dict(), **self.evaluate(by_key[key])}
             record.setdefault("violates", False)
-            record.update(phase=phase, update=global_update, eval_s=time.perf_counter() - t0)
-            self.records[key] = record
-            self._write_history()  # a candidate evaluated before a stop is not evaluated again
-        record = self.records[key]
+            record.update(
+                phase=phase, update=global_update, eval_s=time.perf_counter() - t0, rank=self.rank
+            )
+            new.append(record)
+            if self.world_size == 1:  # a candidate evaluated before a stop is not evaluated again
+                self.records[key] = record
+                self._write_history()
+            bar.update(1)
+        for record in self.share(new):
+            self.records[record["key"]] = record
+        self._write_history()
+        bar.update(len(candidates) - len(mine))
+
+    def _score(self, candidate: Candidate, global_update: int) -> dict[str, Any]:
+        record = self.records[candidate.key()]
         if record.get("reward_raw") is None:
             return {**record, "reward": INVALID}
         reward = constrained_reward(
@@ -260,21 +288,21 @@ class PolicySearch:
 
     def _one_update(self, phase: str, bar: tqdm) -> None:
         global_update = self.update + self.phase_index * self.s.updates
-        rollouts, rewards, keys = [], [], []
-        for _ in range(self.s.rollouts):
-            with one_thread():
-                rollout, candidate = self._rollout(phase)
-            scored = self._score(candidate, phase, global_update)
-            rollouts.append(rollout)
-            rewards.append(scored["reward"])
-            keys.append(scored["key"])
-            best = self.best()
-            bar.set_postfix(
-                phase=phase,
-                update=f"{self.update + 1}/{self.s.updates}",
-                best=f"{best['reward_raw']:.3f}" if best else "-",
-            )
-            bar.update(1)
+        with one_thread():  # the policy changes only after the update: sample every rollout first
+            sampled = [self._rollout(phase) for _ in range(self.s.rollouts)]
+        bar.set_postfix(phase=phase, update=f"{self.update + 1}/{self.s.updates}")
+        self._evaluate_new([c for _, c in sampled], phase, global_update, bar)
+        rollouts = [r for r, _ in sampled]
+        scored = [self._score(c, global_update) for _, c in sampled]
+        rewards, keys = [s["reward"] for s in scored], [s["key"] for s in scored]
+        best = self.best()
+        bar.set_postfix(
+            phase=phase,
+            update=f"{self.update + 1}/{self.s.updates}",
+            best=f"{best['reward_raw']:.3f}" if best else "-",
+        )
+        if self.on_update is not None:
+            self.on_update(best)
         baseline = self.baseline.value
         if self.s.strategy == "policy_gradient":
             with one_thread():

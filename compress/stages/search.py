@@ -22,7 +22,7 @@ from torch.utils.data import RandomSampler
 
 from compress.errors import InputError, StageFailed
 from compress.evaluation import count_flops, count_params, evaluate
-from compress.io import read_json, write_json
+from compress.io import atomic_path, read_json, write_json
 from compress.log import logger
 from compress.models import load_model, save_model
 from compress.recipe import _resolve_path
@@ -32,7 +32,7 @@ from compress.search.surgery import Candidate, build_candidate, candidate_spec
 from compress.search.units import find_units
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 from compress.stages.training import teacher_logits_once
-from compress.train.distributed import DistInfo, barrier
+from compress.train.distributed import DistInfo, all_gather_lists, barrier
 from compress.train.loop import TrainingConfig, fit
 from compress.train.objectives import DistillationObjective
 
@@ -201,7 +201,7 @@ class CandidateEvaluator:
                 self.training,
                 ctx.device,
                 work,
-                DistInfo(),  # every rank evaluates the same candidates on its own
+                DistInfo(),  # under torchrun each rank fine-tunes its own candidates alone
                 desc="candidate",
                 seed=ctx.recipe.seed,
             )
@@ -222,12 +222,35 @@ class CandidateEvaluator:
             "violates": bool(violates),
             "train_images": self.steps * cfg.candidate_batch_size,
         }
-        if not violates and raw > self.best_reward and ctx.dist.is_main:
+        if not violates and raw > self.best_reward:  # kept until `promote` sees every rank's
             self.best_reward = raw
             spec = candidate_spec(ctx.spec, model, self.units, candidate, self.input_size)
-            save_model(model.cpu(), spec, ctx.stage_dir / BEST_FILE)
-            write_json(ctx.stage_dir / BEST_INFO, {"key": candidate.key(), "reward_raw": raw})
+            save_model(model.cpu(), spec, self._rank_best(ctx.dist.rank))
+            write_json(
+                self._rank_best(ctx.dist.rank).with_suffix(".json"), {"key": candidate.key()}
+            )
         return record
+
+    def _rank_best(self, rank: int) -> Path:
+        return self.ctx.stage_dir / f"best_candidate.rank{rank}.safetensors"
+
+    def promote(self, best: dict[str, Any] | None) -> None:
+        """After an update: the best candidate so far (evaluated on any rank) becomes BEST_FILE."""
+        if best is None:
+            return
+        self.best_reward = max(self.best_reward, best["reward_raw"])
+        info = self.ctx.stage_dir / BEST_INFO
+        if not self.ctx.dist.is_main or (info.is_file() and read_json(info)["key"] == best["key"]):
+            return
+        source = self._rank_best(best.get("rank", 0))
+        # The evaluating rank saved it, as it beat every reward that rank knew of.
+        saved = source.with_suffix(".json")
+        if not saved.is_file() or read_json(saved)["key"] != best["key"]:
+            logger.warning(f"search: the weights of candidate {best['key']} were not kept")
+            return
+        with atomic_path(self.ctx.stage_dir / BEST_FILE) as tmp:
+            shutil.copyfile(source, tmp)
+        write_json(info, {"key": best["key"], "reward_raw": best["reward_raw"]})
 
 
 def _settings(cfg: SearchStage, seed: int) -> SearchSettings:
@@ -264,17 +287,26 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
             ctx.stage_dir,
             writer=ctx.dist.is_main,
             warm_start=cfg.warm_start,
+            rank=ctx.dist.rank,
+            world_size=ctx.dist.world_size,
+            share=lambda records: all_gather_lists(ctx.dist, records),
+            on_update=evaluator.promote,
         )
     except ValueError as e:
         raise InputError(f"stages[{ctx.index}].warm_start: {e}") from None
+    evaluator.promote(search.best())  # a resumed search may stop before its next update
     best = search.run()
-    barrier(ctx.dist)  # under torchrun every rank ran the same search; rank 0 saved the best
+    barrier(ctx.dist)  # every rank ran the same search on its share of candidates; rank 0 saved
     if best is None:
         raise StageFailed(
             f"search: no candidate within the budgets among {len(search.records)} evaluated; "
             "raise the budgets or the number of updates"
         )
     model, spec = load_model(ctx.stage_dir / BEST_FILE)
+    barrier(ctx.dist)
+    if ctx.dist.is_main:
+        for kept in ctx.stage_dir.glob("best_candidate.rank*"):
+            kept.unlink()
     artifacts = {"search_history": str(ctx.stage_dir / HISTORY_FILE)}
     if ctx.dist.is_main:
         search.save_policies(ctx.stage_dir / POLICY_FILE)

@@ -49,6 +49,15 @@ def broadcast(info: DistInfo, obj: Any) -> Any:
     return holder[0]
 
 
+def all_gather_lists(info: DistInfo, items: list[Any]) -> list[Any]:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank."""
+    if not info.enabled:
+        return items
+    parts: list[list[Any] | None] = [None] * info.world_size
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part or []]
+
+
 def all_reduce_sum(info: DistInfo, values: list[float], device: torch.device) -> list[float]:
     if not info.enabled:
         return values
