@@ -93,3 +93,21 @@ def small_recipe_for(cifar_root: Path, teacher_weights: Path) -> dict:
 @pytest.fixture()
 def small_recipe(cifar_root: Path, resnet56_weights: Path) -> dict:
     return small_recipe_for(cifar_root, resnet56_weights)
+
+
+def search_recipe_for(cifar_root: Path, weights: Path, per_class: int, search: dict) -> dict:
+    """A search on the pretrained ResNet-20 (teacher and start) over a few images per class."""
+    return {
+        "name": "search-small",
+        "seed": 0,
+        "data": {
+            "root": str(cifar_root),
+            "limit_per_class": per_class,
+            "test_limit_per_class": 20,
+            "augment": "none",
+            "val_fraction": 0.25,
+        },
+        "teacher": {"model": "cifar_resnet20", "weights": str(weights)},
+        "student": {"model": "cifar_resnet20", "weights": str(weights)},
+        "stages": [{"type": "search", **search}],
+    }

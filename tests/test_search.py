@@ -17,7 +17,7 @@ from compress.search.policies import MovingBaseline, RemovalPolicy, reinforce_st
 from compress.search.reward import constrained_reward, reward
 from compress.search.surgery import Candidate, build_candidate, candidate_spec, shrink
 from compress.search.units import FEATURES, Unit, feature_matrix, find_units
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import run_cli, search_recipe_for, write_recipe
 
 SIZE = (3, 32, 32)
 
@@ -271,33 +271,17 @@ def test_unsupported_model_is_named():
 
 
 def test_search_stage_finds_a_smaller_student_on_cifar(tmp_path, cifar_root, resnet20_weights):
-    weights = str(resnet20_weights)
-    recipe = {
-        "name": "search-small",
-        "seed": 0,
-        "data": {
-            "root": str(cifar_root),
-            "limit_per_class": 40,
-            "test_limit_per_class": 20,
-            "augment": "none",
-            "val_fraction": 0.25,
-        },
-        "teacher": {"model": "cifar_resnet20", "weights": weights},
-        "student": {"model": "cifar_resnet20", "weights": weights},
-        "stages": [
-            {
-                "type": "search",
-                "updates": 1,
-                "rollouts": 3,
-                "candidate_steps": 4,
-                "candidate_batch_size": 32,
-                "candidate_images": 200,
-                "val_images": 100,
-                "max_params": 250000,
-            },
-            {"type": "distill", "epochs": 1, "lr": 0.002, "max_steps_per_epoch": 2},
-        ],
+    search = {
+        "updates": 1,
+        "rollouts": 3,
+        "candidate_steps": 4,
+        "candidate_batch_size": 32,
+        "candidate_images": 200,
+        "val_images": 100,
+        "max_params": 250000,
     }
+    recipe = search_recipe_for(cifar_root, resnet20_weights, 40, search)
+    recipe["stages"].append({"type": "distill", "epochs": 1, "lr": 0.002, "max_steps_per_epoch": 2})
     path = write_recipe(tmp_path / "search.yaml", recipe)
     out = tmp_path / "run"
     result = run_cli("run", str(path), "--out", str(out))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from compress.io import read_json
 from compress.models import load_model
-from tests.conftest import write_recipe
+from tests.conftest import search_recipe_for, write_recipe
 
 
 def _torchrun(recipe: Path, out: Path) -> subprocess.CompletedProcess:
@@ -46,32 +46,16 @@ def test_torchrun_two_processes_distill(tmp_path, small_recipe):
 
 
 def test_torchrun_search_splits_candidates_across_ranks(tmp_path, cifar_root, resnet20_weights):
-    weights = str(resnet20_weights)
-    recipe = {
-        "name": "search-ddp",
-        "seed": 0,
-        "data": {
-            "root": str(cifar_root),
-            "limit_per_class": 30,
-            "test_limit_per_class": 10,
-            "augment": "none",
-            "val_fraction": 0.25,
-        },
-        "teacher": {"model": "cifar_resnet20", "weights": weights},
-        "student": {"model": "cifar_resnet20", "weights": weights},
-        "stages": [
-            {
-                "type": "search",
-                "mode": "removal",
-                "updates": 1,
-                "rollouts": 4,
-                "candidate_steps": 2,
-                "candidate_batch_size": 32,
-                "candidate_images": 100,
-                "val_images": 60,
-            }
-        ],
+    search = {
+        "mode": "removal",
+        "updates": 1,
+        "rollouts": 4,
+        "candidate_steps": 2,
+        "candidate_batch_size": 32,
+        "candidate_images": 100,
+        "val_images": 60,
     }
+    recipe = search_recipe_for(cifar_root, resnet20_weights, 30, search)
     out = tmp_path / "out"
     result = _torchrun(write_recipe(tmp_path / "r.yaml", recipe), out)
     assert result.returncode == 0, result.stderr[-3000:]
