@@ -119,6 +119,7 @@ def test_int8_on_cifar_keeps_accuracy_and_onnx_agrees(
     assert export["torch_test_top1"] == int8["top1"]
     assert abs(export["onnx_test_top1"] - int8["top1"]) <= 0.3
     assert 7.9 < int8["bits_per_weight"] < 8.2 and int8["compression_ratio"] > 3.5
+    assert 4 < int8["huffman_bits_per_weight"] < int8["bits_per_weight"]  # peaked around zero
     assert report["stages"][1]["metrics"]["calibration_images"] == 2 * 40
 
     saved, spec = load_model(out / "01-quantize" / "model.safetensors")

@@ -143,7 +143,15 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
     result.model_metrics = {
         "quantization": cfg.method,
         "bits": 8,
-        **{k: size[k] for k in ("bits_per_weight", "quantized_size_bytes", "compression_ratio")},
+        **{
+            k: size[k]
+            for k in (
+                "bits_per_weight",
+                "huffman_bits_per_weight",
+                "quantized_size_bytes",
+                "compression_ratio",
+            )
+        },
     }
     return result
 
