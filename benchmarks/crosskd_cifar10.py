@@ -28,14 +28,15 @@ from compress.pipeline import Pipeline
 from compress.recipe import parse_recipe
 
 TEACHER_RECIPE = REPO / "recipes" / "vit_teacher_cifar10.yaml"
+SCALEKD = {"type": "distill", "method": "scalekd", "teacher_taps": [-2, "norm"]}  # the paper's
 ROWS = {
     "no_kd": {"type": "train"},
     "logits": {"type": "distill"},
     "feature": {"type": "distill", "method": "feature"},
-    "scalekd": {"type": "distill", "method": "scalekd"},
-    "scalekd_no_cap": {"type": "distill", "method": "scalekd", "cap": False},
-    "scalekd_no_dfm": {"type": "distill", "method": "scalekd", "dfm": False},
-    "scalekd_no_tpp": {"type": "distill", "method": "scalekd", "tpp": False},
+    "scalekd": SCALEKD,
+    "scalekd_no_cap": {**SCALEKD, "cap": False},
+    "scalekd_no_dfm": {**SCALEKD, "dfm": False},
+    "scalekd_no_tpp": {**SCALEKD, "tpp": False},
 }
 
 

@@ -134,6 +134,32 @@ def test_tpp_keeps_the_teacher_fixed_and_trains_the_student_through_it():
     )
 
 
+class _ShiftedStages(nn.Module):
+    """Something happens between its two stages: TPP cannot rerun the teacher from a tap."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1, self.layer2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.layer2(self.layer1(x) + 1).mean((2, 3)))
+
+
+def test_tpp_runs_through_the_vit_final_norm_and_checks_the_chain():
+    t, s = _models("timm:vit_tiny_patch16_224", {**VIT32, "depth": 3}, "cifar_resnet20")
+    probe = torch.randn(2, 3, 32, 32)
+    # ScaleKD's last ViT stage is the last block and the final norm
+    objective = ScaleKDObjective(t, s, [-2, "norm"], [-2, -1], probe, 1.0, 0.5)
+    assert objective.last_stage._stage_modules == (t.blocks[2], t.norm)
+    loss, _ = objective(s, probe, torch.tensor([0, 1]), None)
+    assert torch.isfinite(loss)
+    with pytest.raises(InputError, match=r"does not reproduce tap -1 \(layer2"):
+        ScaleKDObjective(_ShiftedStages().eval(), s, [-2, -1], [-2, -1], probe, 1.0, 0.5)
+    with pytest.raises(InputError, match=r"a later stage or a module after the stages"):
+        ScaleKDObjective(t, s, [-1, -2], [-2, -1], probe, 1.0, 0.5)
+
+
 @pytest.mark.parametrize("method", ["scalekd", "feature"])
 def test_feature_distillation_lowers_its_loss_on_a_fixed_batch(method):
     t, s = _models("timm:vit_tiny_patch16_224", {**VIT32, "depth": 2}, "cifar_resnet20")

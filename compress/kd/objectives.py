@@ -122,10 +122,12 @@ class FeatureHintObjective(TappedDistillation):
 
 
 class TeacherLastStage(nn.Module):
-    """The teacher's stage modules after tap `first` up to tap `last`, run on projected maps.
+    """The teacher's modules after tap `first` up to tap `last`, run on projected maps.
 
-    Not a submodule of the objective: the teacher's weights stay frozen and out of checkpoints;
-    gradients flow through them to the projected student tokens.
+    `last` is a later stage, or a module applied after the last stage (a ViT's or Swin's final
+    `norm`, as ScaleKD's last ViT stage ends with it). On the probe images the chain must give the
+    teacher's own output at `last`. Not a submodule of the objective: the teacher's weights stay
+    frozen and out of checkpoints; gradients flow through them to the projected student tokens.
     """
 
     def __init__(self, objective: TappedDistillation):
@@ -134,23 +136,38 @@ class TeacherLastStage(nn.Module):
         taps = objective.teacher_taps.taps
         names = stage_names(teacher)
         first, last = taps[-2].name, taps[-1].name
-        if first not in names or last not in names or names.index(first) >= names.index(last):
+        start = names.index(first) + 1 if first in names else None
+        if start is not None and last in names[start:]:
+            chain = names[start : names.index(last) + 1]
+        elif (
+            start is not None
+            and last not in names
+            and not any(last.startswith(n + ".") for n in names)
+        ):
+            chain = [*names[start:], last]  # every later stage, then e.g. the final norm
+        else:
             raise InputError(
-                f"tpp: teacher_taps {[t.spec for t in taps]} must name two stages of the "
-                f"teacher in order (its stages: {names})"
+                f"tpp: teacher_taps {[t.spec for t in taps]} must name a stage of the teacher "
+                f"and then a later stage or a module after the stages, e.g. 'norm' (its "
+                f"stages: {names})"
             )
-        self._stage_modules = tuple(
-            teacher.get_submodule(n) for n in names[names.index(first) + 1 : names.index(last) + 1]
-        )
+        self._stage_modules = tuple(teacher.get_submodule(n) for n in chain)
         self.first, self.last = taps[-2].layout, taps[-1].layout
         raw = objective.probe_teacher_raw
         with torch.no_grad():
             out = self.run(to_map(raw[-2], self.first), raw[-2])
-        want = to_map(raw[-1], self.last)
+        want = to_map(raw[-1], self.last).float()
         if out.shape != want.shape:
             raise InputError(
                 f"tpp: running the teacher from {taps[-2].describe()} gives "
                 f"{_shape(out)}, not the {_shape(want)} of {taps[-1].describe()}"
+            )
+        gap = (out - want).abs().max().item()
+        if gap > 1e-3 * max(1.0, want.abs().max().item()):
+            raise InputError(
+                f"tpp: running the teacher's {chain} from {taps[-2].describe()} does not "
+                f"reproduce {taps[-1].describe()} (max difference {gap:.3g}): the teacher does "
+                "more between these taps; choose taps with nothing else between them"
             )
 
     def run(self, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
