@@ -6,7 +6,14 @@ import torch
 from compress.data import ImageFolderData
 from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
-from compress.models import ModelSpec, build_model, load_model, load_weights, save_model
+from compress.models import (
+    ModelSpec,
+    build_model,
+    create_model,
+    load_model,
+    load_weights,
+    save_model,
+)
 from compress.recipe import DataConfig
 
 
@@ -45,6 +52,28 @@ def test_timm_and_torchvision_specs_build_offline():
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     m = build_model(ModelSpec("torchvision:mobilenet_v3_small", {"num_classes": 10}))
     assert m.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_timm_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
+    """`pretrained: true` reads timm's weights from the Hugging Face cache, never the network."""
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(InputError, match=r"timm/resnet10t.c3_in1k\) are not in the local"):
+        create_model("timm:resnet10t", {"pretrained": True})
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t")  # stands in for the published weights
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(source.state_dict(), str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    model, spec = create_model("timm:resnet10t", {"pretrained": True}, num_classes=10)
+    state = model.state_dict()
+    assert torch.equal(state["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    assert state["fc.weight"].shape == (10, 512)  # a new head for the recipe's classes
+    assert "pretrained" not in spec.kwargs  # a saved copy rebuilds without the cache
 
 
 def test_mismatched_weights_are_a_clear_error(resnet56_weights):

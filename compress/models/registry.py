@@ -100,7 +100,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if name.startswith("timm:"):
         import timm
 
-        kwargs.setdefault("pretrained", False)
+        if kwargs.get("pretrained"):  # from timm's local cache only: never a download
+            overlay = {**kwargs.get("pretrained_cfg_overlay", {})}
+            overlay.setdefault("file", timm_cached_weights(name[5:]))
+            kwargs["pretrained_cfg_overlay"] = {**overlay, "source": "file"}
         return timm.create_model(name[5:], **kwargs)
     if name.startswith("torchvision:"):
         import torchvision
@@ -108,6 +111,32 @@ def build_model(spec: ModelSpec) -> nn.Module:
         kwargs.setdefault("weights", None)
         return torchvision.models.get_model(name[12:], **kwargs)
     raise InputError(f"{name}: a saved model file, not an architecture (use create_model)")
+
+
+def timm_cached_weights(name: str) -> str:
+    """The file of timm's pretrained weights for `name` in the local Hugging Face cache
+    (`HF_HUB_CACHE`, else `HF_HOME`/hub, else ~/.cache/huggingface/hub); never downloads."""
+    import os
+
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        raise InputError(f"timm:{name}: timm has no pretrained weights on the Hugging Face Hub")
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if "HF_HOME" in os.environ else None
+    )
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename, cache_dir=cache)
+        if isinstance(found, str):
+            return found
+    raise InputError(
+        f"timm:{name}: pretrained weights ({hub_id}) are not in the local Hugging Face cache "
+        f"({cache or '~/.cache/huggingface/hub'}); compress never downloads them: fetch them "
+        f"once with `huggingface-cli download {hub_id}`, or pass a local file as `weights`"
+    )
 
 
 def create_model(
@@ -128,8 +157,9 @@ def create_model(
         kwargs = dict(kwargs or {})
         if num_classes is not None:
             kwargs.setdefault("num_classes", num_classes)
-        spec = ModelSpec(name, kwargs)
-        model = build_model(spec)
+        model = build_model(ModelSpec(name, kwargs))
+        # Saved with the model, the spec rebuilds the architecture; its weights come from the file.
+        spec = ModelSpec(name, {k: v for k, v in kwargs.items() if k != "pretrained"})
     if weights is not None:
         load_weights(model, weights)
     return model, spec
