@@ -65,3 +65,42 @@ def test_kd_loss_matches_its_definition():
     expected = alpha * T * T * kl + (1 - alpha) * F.cross_entropy(s, y)
     torch.testing.assert_close(kd_loss(s, t, y, T, alpha), expected)
     assert kd_loss(t, t, y, T, 1.0).abs() < 1e-6  # identical logits: no KL
+
+
+def test_teacher_logits_keep_only_computed_rows_and_top_k_when_classes_are_many():
+    import torch
+    import torch.nn.functional as F
+
+    from compress.train.teacher_logits import TeacherLogits
+
+    torch.manual_seed(0)
+    samples = torch.tensor([7, 2, 9])
+    few = torch.randn(3, 10)
+    store = TeacherLogits.from_rows(1_000_000, samples, few)  # 10 classes: every logit, float32
+    assert not store.sparse and store.state["logits"].shape == (3, 10)
+    assert torch.equal(store[torch.tensor([9, 7])], few[[2, 0]])
+    with pytest.raises(KeyError, match=r"train samples \[3\]"):
+        store[torch.tensor([3])]
+
+    many = 3 * torch.randn(3, 1000)  # ImageNet-sized output: top-10 probabilities in fp16
+    store = TeacherLogits.from_rows(1_000_000, samples, many)
+    dense_bytes = 3 * 1000 * 4 + 1_000_000 * 8
+    assert (
+        store.sparse and store.nbytes() < dense_bytes and store.state["top_probs"].shape == (3, 10)
+    )
+    got = store[samples]
+    top = many.topk(10, dim=1).indices
+    assert torch.equal(got.argmax(1), many.argmax(1))
+    # kept classes: the teacher's logits up to a per-row constant (fp16 probabilities)
+    diffs = got.gather(1, top) - many.gather(1, top)
+    assert (diffs - diffs[:, :1]).abs().max() < 2e-3
+    # the rest share the probability the top 10 leave; total probability stays 1
+    assert torch.allclose(got.exp().sum(1), torch.ones(3), atol=1e-3)
+
+    def kl(logits):
+        return F.kl_div(logits.log_softmax(1), many.log_softmax(1), log_target=True)
+
+    assert kl(got) < 0.15 * kl(torch.zeros_like(many))  # far closer than a uniform guess
+
+    older = TeacherLogits.load(few)  # a file written before rows were kept per sample
+    assert torch.equal(older[torch.tensor([1])], few[[1]])

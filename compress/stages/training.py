@@ -15,6 +15,7 @@ from compress.stages.base import StageContext, StageResult
 from compress.train.hooks import TrainHooks
 from compress.train.loop import TrainingConfig, fit
 from compress.train.objectives import DistillationObjective
+from compress.train.teacher_logits import TeacherLogits
 
 TEACHER_LOGITS = "teacher_logits.pt"
 
@@ -70,27 +71,26 @@ def train_with(
 
 
 @torch.no_grad()
-def teacher_logits_once(ctx: StageContext, indices: list[int] | None = None) -> torch.Tensor:
-    """Teacher logits for every train sample (deterministic transform), cached in the stage folder;
-    with `indices`, only those rows are computed (the others stay zero)."""
+def teacher_logits_once(ctx: StageContext, indices: list[int] | None = None) -> TeacherLogits:
+    """Teacher logits for the train samples (deterministic transform), cached in the stage
+    folder; with `indices`, only those samples get a row (see `TeacherLogits`)."""
     path = ctx.stage_dir / TEACHER_LOGITS
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return TeacherLogits.load(torch.load(path, weights_only=True))
     loader = ctx.data.loader("train", train=False, indices=indices)
-    size = len(ctx.data.samples("train"))
-    teacher, out = ctx.teacher, None
-    for images, _, indices in tqdm(
+    samples, rows = [], []
+    for images, _, batch in tqdm(
         loader, desc="teacher logits", unit="batch", leave=False, disable=None
     ):
-        logits = teacher(images.to(ctx.device)).float().cpu()
-        if out is None:
-            out = torch.zeros(size, logits.shape[1])
-        out[indices] = logits
-    assert out is not None
+        rows.append(ctx.teacher(images.to(ctx.device)).float().cpu())
+        samples.append(batch)
+    store = TeacherLogits.from_rows(
+        len(ctx.data.samples("train")), torch.cat(samples), torch.cat(rows)
+    )
     if ctx.dist.is_main:
         with atomic_path(path) as tmp:
-            torch.save(out, tmp)
-    return out
+            torch.save(store.state, tmp)
+    return store
 
 
 def distillation_objective(

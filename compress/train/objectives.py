@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.train.teacher_logits import TeacherLogits
+
 
 def kd_loss(
     student_logits: torch.Tensor,
@@ -48,7 +50,7 @@ class DistillationObjective:
         temperature: float,
         alpha: float,
         label_smoothing: float = 0.0,
-        teacher_logits: torch.Tensor | None = None,
+        teacher_logits: TeacherLogits | None = None,
     ):
         self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
         self.label_smoothing = label_smoothing
