@@ -28,13 +28,16 @@ import torch
 from benchmarks._common import SHARED, require, save
 from compress.data import ImageFolderData
 from compress.errors import StageFailed
-from compress.models import load_model, save_model
+from compress.models import create_model, load_model, save_model
 from compress.pipeline import Pipeline
 from compress.recipe import parse_recipe
+from compress.search.surgery import Candidate, build_candidate, candidate_spec
+from compress.search.units import find_units
 
 PAPER_EPOCHS = 5
 PAPER_CANDIDATE_IMAGES = PAPER_EPOCHS * 50_000  # the original trains on all of CIFAR-10's train set
 RESNET56_PARAMS = 853_018
+INPUT_SIZE = (3, 32, 32)
 
 
 def run_recipe(recipe: dict, out: Path) -> tuple[dict, float]:
@@ -59,12 +62,25 @@ def rewards(rows: list[dict]) -> list[float]:
 
 def reinitialised(path: Path, out: Path) -> Path:
     """The saved candidate's architecture with fresh weights (the original's children)."""
+    if out.is_file():  # a rerun into the same folder resumes its runs
+        return out
     model, spec = load_model(path)
     torch.manual_seed(0)
     for m in model.modules():
         if hasattr(m, "reset_parameters") and m is not model:
             m.reset_parameters()
     return save_model(model, spec, out)
+
+
+def inherited_candidate(teacher: dict, candidate: dict, out: Path) -> Path:
+    """The candidate as the search builds it, before any fine-tuning: the teacher's weights."""
+    if out.is_file():
+        return out
+    model, spec = create_model(teacher["model"], weights=Path(teacher["weights"]))
+    units = find_units(model.eval(), INPUT_SIZE)
+    chosen = Candidate.make(candidate["removed"], candidate["scales"])
+    student = build_candidate(model, units, chosen, INPUT_SIZE)
+    return save_model(student, candidate_spec(spec, student, units, chosen, INPUT_SIZE), out)
 
 
 def main() -> None:
@@ -81,6 +97,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--final-epochs", type=int, default=8)
     p.add_argument("--paper-epochs", type=int, default=PAPER_EPOCHS, help="0: skip that run")
+    p.add_argument(
+        "--budget-steps",
+        type=int,
+        nargs="*",
+        default=[100, 390],
+        help="fine-tuning steps of the inherited best architecture (390 x 64: 10x under 5 epochs)",
+    )
+    p.add_argument("--budget-lr", type=float, default=0.01)
     p.add_argument("--out", type=Path, default=None, help="keep the runs here")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -134,6 +158,7 @@ def main() -> None:
                 "best_reward": m["best_reward"],
                 "best_val_top1": m["best_val_top1"],
                 "best_params": m["best_params"],
+                "best_candidate": m["best_candidate"],
                 "compression": m["teacher_params"] / m["best_params"],
                 "search_test_top1": found["top1"],
                 "candidates": m["candidates_evaluated"],
@@ -193,6 +218,42 @@ def main() -> None:
         }
         print("paper candidate training", json.dumps(paper), flush=True)
 
+    # The same architecture with the teacher's weights, fine-tuned like a candidate but on more
+    # images: how many a candidate needs to match the original's 5-epoch training
+    start = inherited_candidate(
+        teacher, n2n[0]["best_candidate"], root / "inherited-candidate.safetensors"
+    )
+    budget_curve = []
+    split = ImageFolderData(parse_recipe(recipe("n", seed, [final])).data, seed).samples("train")
+    for steps in args.budget_steps:
+        epochs = -(-steps * args.candidate_batch_size // len(split))
+        stage = {
+            "type": "distill",
+            "epochs": epochs,
+            "max_steps_per_epoch": -(-steps // epochs),
+            "batch_size": args.candidate_batch_size,
+            "lr": args.budget_lr,
+            "warmup_epochs": 0.1,
+        }
+        report, wall = run_recipe(
+            recipe(
+                f"inherited-{steps}",
+                seed,
+                [stage],
+                student={"model": str(start)},
+            ),
+            root / f"inherited-{steps}",
+        )
+        point = {
+            "steps": epochs * stage["max_steps_per_epoch"],
+            "train_images": epochs * stage["max_steps_per_epoch"] * args.candidate_batch_size,
+            "test_top1": report["models"][-1]["top1"],
+            "wall_s": wall,
+        }
+        point["images_vs_paper"] = point["train_images"] / PAPER_CANDIDATE_IMAGES
+        budget_curve.append(point)
+        print("inherited candidate", json.dumps(point), flush=True)
+
     # The best student distilled, and the teacher fine-tuned with the same stage and images
     tuned_stage = {**final}
     student_report, student_wall = run_recipe(
@@ -250,6 +311,7 @@ def main() -> None:
         "candidate_images_vs_paper": candidate_images / PAPER_CANDIDATE_IMAGES,
         "best_candidate_test_top1": n2n[0]["search_test_top1"],
         "paper_candidate": paper,
+        "inherited_candidate_budget_curve": budget_curve,
         "wall_s": time.perf_counter() - t_start,
     }
     save("n2n_cifar10", result)
