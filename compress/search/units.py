@@ -31,8 +31,6 @@ SUPPORTED = (
     "torchvision MobileNetV2/V3 and timm InvertedResidual), or else the stride-1 convs of "
     "nn.Sequential Conv-BN-ReLU stacks (a plain, VGG-style CNN)"
 )
-# What removing a unit leaves in its place (Unit.removal).
-REMOVALS = ("identity", "shortcut", "projection", "next_input")
 # Modules that follow a plain conv and go with it when it is removed.
 FOLLOWERS = (
     nn.BatchNorm2d,
@@ -57,9 +55,9 @@ class Unit:
     # Convs whose outputs may shrink: paths relative to the block; "" is the unit's own conv.
     shrinkable: list[str]
     features: dict[str, float]
-    # What removal leaves (REMOVALS): an identity; the block's own shortcut path (its post-add
-    # activation after it); a new 1x1 conv + BN (a block without one); for a plain conv, an
-    # identity with the next layer's input channels resized.
+    # What removal leaves: "identity"; "shortcut", the block's own shortcut path (then its
+    # post-add activation); "projection", a new 1x1 conv + BN (a block without a shortcut);
+    # "next_input", for a plain conv, identities with the next layer's input channels resized.
     removal: str = "identity"
 
 
