@@ -194,13 +194,16 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path):
 # ---------------------------------------------------------------- surgery
 
 
+# name: (kwargs, what removing each kind of its units leaves)
 FAMILIES = {
-    "cifar_resnet20": {},  # zero-pad shortcuts
-    "torchvision:resnet18": {},  # BasicBlock, projection shortcuts
-    "timm:resnet26": {},  # Bottleneck
-    "torchvision:mobilenet_v3_small": {},  # inverted residuals with squeeze-excitation
-    "timm:mobilenetv2_050": {},
-    "timm:vgg11_bn": {"mlp_ratio": 1 / 64},  # a plain CNN (a small classifier MLP)
+    "cifar_resnet20": ({}, {"identity", "shortcut"}),  # zero-pad shortcuts
+    "torchvision:resnet18": ({}, {"identity", "shortcut"}),  # BasicBlock, 1x1 conv shortcuts
+    "timm:resnet26": ({}, {"identity", "shortcut"}),  # Bottleneck
+    # inverted residuals (with squeeze-excitation); no shortcut where the shape changes
+    "torchvision:mobilenet_v3_small": ({}, {"identity", "projection"}),
+    "timm:mobilenetv2_050": ({}, {"identity", "projection"}),
+    # a plain CNN (with a small classifier MLP)
+    "timm:vgg11_bn": ({"mlp_ratio": 1 / 64}, {"identity", "next_input"}),
 }
 
 
@@ -229,7 +232,8 @@ def _assert_removed(student: nn.Module, teacher: nn.Module, unit: Unit) -> None:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_surgery_keeps_forward_valid_and_lowers_params(name, tmp_path):
     torch.manual_seed(0)
-    teacher, spec = create_model(name, FAMILIES[name], num_classes=10)
+    kwargs, removals = FAMILIES[name]
+    teacher, spec = create_model(name, kwargs, num_classes=10)
     teacher.eval()
     units = find_units(teacher, SIZE, project_shape_changes=True)
     removable = [u for u in units if u.removable]
@@ -238,6 +242,7 @@ def test_surgery_keeps_forward_valid_and_lowers_params(name, tmp_path):
     by_kind: dict[str, list[Unit]] = {}
     for u in removable:
         by_kind.setdefault(u.removal, []).append(u)
+    assert set(by_kind) == removals
     removed = [u for kind in by_kind.values() for u in kind[:2]]
     candidate = Candidate.make([u.name for u in removed], {u.name: 0.5 for u in units})
     student = build_candidate(teacher, units, candidate, SIZE)
