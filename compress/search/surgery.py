@@ -89,7 +89,7 @@ def shrink(
         conv = model.get_submodule(name)
         n = conv.out_channels
         group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n)))
-        roles = channel_roles(model, group)
+        roles = channel_roles(model, graph, group)
         if name == unit:  # a plain conv
             beyond = roles["other"]
         else:

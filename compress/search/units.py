@@ -175,7 +175,7 @@ def dependency_graph(model: nn.Module, input_size: tuple[int, int, int]):
         model.train(was_training)
 
 
-def channel_roles(model: nn.Module, group) -> dict[str, set[str]]:
+def channel_roles(model: nn.Module, graph, group) -> dict[str, set[str]]:
     """The named modules of a Torch-Pruning group (a cut of one conv's output channels) besides
     that conv, by role: `norm` (BatchNorm), `input` (inputs of a dense conv or a Linear) and
     `other` (anything else: another layer's outputs at an add or concat, a depthwise conv)."""
@@ -189,7 +189,7 @@ def channel_roles(model: nn.Module, group) -> dict[str, set[str]]:
             continue
         if isinstance(module, nn.BatchNorm2d):
             roles["norm"].add(name)
-        elif dep.handler.__name__ == "prune_in_channels" and (
+        elif graph.is_in_channel_pruning_fn(dep.handler) and (
             isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
         ):
             roles["input"].add(name)
@@ -203,7 +203,8 @@ def conv_roles(model: nn.Module, graph, path: str) -> dict[str, set[str]]:
     import torch_pruning as tp
 
     conv = model.get_submodule(path)
-    return channel_roles(model, graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0]))
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0])
+    return channel_roles(model, graph, group)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[str, nn.Module]:
