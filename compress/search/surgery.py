@@ -1,6 +1,8 @@
-"""Candidate surgery: removed units become identities, kept units' inner convs lose their least
-important output channels (Torch-Pruning's dependency graph keeps BatchNorm, the next conv and
-depthwise groups consistent). The result is a real, smaller module with the teacher's weights."""
+"""Candidate surgery: removed units become identities (a shape-changing block its shortcut path;
+a plain conv whose channels change leaves the next layer's inputs resized), kept units' convs lose
+their least important output channels (Torch-Pruning's dependency graph keeps BatchNorm, the next
+conv and depthwise groups consistent). The result is a real, smaller module with the teacher's
+weights."""
 
 from __future__ import annotations
 
@@ -13,7 +15,17 @@ import torch
 from torch import nn
 
 from compress.models.registry import ModelSpec, build_model
-from compress.search.units import Unit
+from compress.search.units import (
+    Unit,
+    block_kind,
+    channel_roles,
+    conv_path,
+    conv_roles,
+    dependency_graph,
+    followers,
+    next_input,
+    shortcut_path,
+)
 
 SPEC_PREFIX = "search:"
 
@@ -47,54 +59,170 @@ def kept_channels(channels: int, scale: float, round_to: int) -> int:
     return min(channels, max(round_to, kept))
 
 
-def _module_names(model: nn.Module) -> dict[int, str]:
-    return {id(m): name for name, m in model.named_modules()}
-
-
 def shrink(
     model: nn.Module,
     targets: dict[str, dict[str, int]],
     input_size: tuple[int, int, int],
     by_importance: bool = True,
 ) -> None:
-    """Cut output channels to `targets[block][conv]` (conv paths relative to their block), in place.
+    """Cut output channels to `targets[unit][conv]` (conv paths relative to their unit, "" for a
+    plain conv unit itself), in place.
 
     `by_importance` keeps the channels with the largest group L2 magnitude; otherwise the first
-    ones (used to rebuild a saved architecture before its weights are loaded). A conv whose
-    channels are coupled to anything outside its own block (the residual stream) is refused.
+    ones (used to rebuild a saved architecture before its weights are loaded). A block's conv whose
+    channels are coupled to anything outside its own block (the residual stream) is refused; a
+    plain conv may take its BatchNorm and the next layer's inputs along, nothing else.
     """
     import torch_pruning as tp
 
     todo = {
-        (block, f"{block}.{conv}"): kept
-        for block, convs in targets.items()
+        (unit, conv_path(unit, conv)): kept
+        for unit, convs in targets.items()
         for conv, kept in convs.items()
-        if kept < model.get_submodule(f"{block}.{conv}").out_channels
+        if kept < model.get_submodule(conv_path(unit, conv)).out_channels
     }
     if not todo:
         return
-    device = next(model.parameters()).device
-    graph = tp.DependencyGraph().build_dependency(
-        model, example_inputs=torch.zeros(1, *input_size, device=device)
-    )
+    graph = dependency_graph(model, input_size)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
-    names = _module_names(model)
-    for (block, name), kept in todo.items():
+    for (unit, name), kept in todo.items():
         conv = model.get_submodule(name)
         n = conv.out_channels
         group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n)))
-        for dep, _ in group:
-            other = names.get(id(dep.target.module))  # None: a functional op (relu, add)
-            if other is not None and not other.startswith(block + "."):
-                raise ValueError(
-                    f"shrinking {name} would also change {other}: "
-                    "its channels are shared beyond its block"
-                )
+        roles = channel_roles(model, graph, group)
+        if name == unit:  # a plain conv
+            beyond = roles["other"]
+        else:
+            beyond = {m for r in roles.values() for m in r if not m.startswith(unit + ".")}
+        if beyond:
+            raise ValueError(
+                f"shrinking {name} would also change {sorted(beyond)[0]}: "
+                "its channels are shared beyond its block"
+            )
         if by_importance:
             drop = importance(group).argsort()[: n - kept].tolist()
         else:
             drop = list(range(kept, n))
         graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(drop)).prune()
+
+
+class ShortcutPath(nn.Module):
+    """A residual block without its residual branch: activation(shortcut(x)), the block's own
+    shortcut (and its weights) mapping the input shape to the output shape."""
+
+    def __init__(self, shortcut: nn.Module, activation: nn.Module):
+        super().__init__()
+        self.shortcut, self.activation = shortcut, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.shortcut(x))
+
+
+def channel_copy_projection(block: nn.Module) -> nn.Sequential:
+    """A new 1x1 conv (the block's stride) + BatchNorm from the block's input to its output
+    channels, for a block with no shortcut of its own. Initialised as the parameter-free option-A
+    shortcut maps: output channel o copies input channel o mod C_in at the strided positions, and
+    the BatchNorm starts neutral; candidate fine-tuning then trains it."""
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    c_in, c_out = convs[0].in_channels, convs[-1].out_channels
+    stride = max(m.stride[0] for m in convs)
+    conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        out = torch.arange(c_out)
+        conv.weight[out, out % c_in] = 1.0
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out))
+
+
+def _resize_inputs(model: nn.Module, path: str, old: int, new: int, by_importance: bool) -> None:
+    """Give the dense conv or Linear at `path`, which takes `old` channels (a Linear after flatten:
+    a block of features per channel), `new` channels, keeping the teacher's weights. Fewer: its
+    `new` input channels with the largest weight L2 norm stay (the first ones without
+    `by_importance`), cut by Torch-Pruning; more: every old channel stays and the added ones start
+    at zero weight, so the layer first sees what it saw before."""
+    import torch_pruning as tp
+
+    layer = model.get_submodule(path)
+    weight = layer.weight.detach()
+    per_channel = weight.reshape(weight.shape[0], old, -1)  # (out, channel, kernel or features)
+    if new < old:
+        if by_importance:
+            keep = per_channel.pow(2).sum(dim=(0, 2)).argsort(descending=True)[:new]
+        else:
+            keep = torch.arange(new)
+        drop = sorted(set(range(old)) - set(keep.tolist()))
+        if isinstance(layer, nn.Linear):
+            size = per_channel.shape[2]
+            drop = [c * size + j for c in drop for j in range(size)]
+            tp.prune_linear_in_channels(layer, drop)
+        else:
+            tp.prune_conv_in_channels(layer, drop)
+        return
+    grown = torch.cat(
+        [per_channel, per_channel.new_zeros(len(weight), new - old, per_channel.shape[2])], 1
+    )
+    if isinstance(layer, nn.Linear):
+        bigger = nn.Linear(grown[0].numel(), layer.out_features, bias=layer.bias is not None)
+    else:
+        bigger = nn.Conv2d(
+            new,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+        )
+    bigger = bigger.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        bigger.weight.copy_(grown.reshape(bigger.weight.shape))
+        if layer.bias is not None:
+            bigger.bias.copy_(layer.bias)
+    model.set_submodule(path, bigger)
+
+
+def _remove_conv(
+    model: nn.Module, name: str, input_size: tuple[int, int, int], by_importance: bool
+) -> None:
+    conv = model.get_submodule(name)
+    if conv.in_channels != conv.out_channels:
+        roles = conv_roles(model, dependency_graph(model, input_size), name)
+        layer = next_input(model, name, roles)
+        if layer is None:
+            raise ValueError(
+                f"removing {name} changes its channels ({conv.in_channels} in, "
+                f"{conv.out_channels} out) and no single next conv or Linear can take that"
+            )
+        _resize_inputs(model, layer, conv.out_channels, conv.in_channels, by_importance)
+    for part in [name, *followers(model, name)]:
+        model.set_submodule(part, nn.Identity())
+
+
+def remove_units(
+    model: nn.Module,
+    names: list[str] | tuple[str, ...],
+    input_size: tuple[int, int, int],
+    by_importance: bool = True,
+) -> None:
+    """Remove units in place, in forward (module) order: a residual block whose shape holds becomes
+    an identity, one that changes shape its `ShortcutPath` (or a `channel_copy_projection`); a
+    plain conv, with the BatchNorm and activations after it, becomes identities, the next layer's
+    inputs resized when its channels change (`by_importance` as in `shrink`)."""
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    for name in sorted(names, key=lambda n: order[n]):
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d):
+            _remove_conv(model, name, input_size, by_importance)
+            continue
+        found = block_kind(module)
+        if found is None or found[1]:
+            model.set_submodule(name, nn.Identity())
+            continue
+        path = shortcut_path(module)
+        model.set_submodule(
+            name, ShortcutPath(*path) if path is not None else channel_copy_projection(module)
+        )
 
 
 def build_candidate(
@@ -108,12 +236,13 @@ def build_candidate(
     """The candidate as a new module: a copy of `teacher` with the surgery applied and checked by
     a forward pass; `reinit` re-initialises every layer (the original method's children)."""
     model = copy.deepcopy(teacher).cpu()
-    for name in candidate.removed:
-        model.set_submodule(name, nn.Identity())
+    remove_units(model, candidate.removed, input_size)
     by_name = {u.name: u for u in units}
     targets = {
         unit: {
-            conv: kept_channels(model.get_submodule(f"{unit}.{conv}").out_channels, scale, round_to)
+            conv: kept_channels(
+                model.get_submodule(conv_path(unit, conv)).out_channels, scale, round_to
+            )
             for conv in by_name[unit].shrinkable
         }
         for unit, scale in candidate.scales
@@ -141,7 +270,10 @@ def candidate_spec(
     """A spec that rebuilds the candidate's architecture (then `load_weights` fills it)."""
     by_name = {u.name: u for u in units}
     channels = {
-        unit: {c: model.get_submodule(f"{unit}.{c}").out_channels for c in by_name[unit].shrinkable}
+        unit: {
+            c: model.get_submodule(conv_path(unit, c)).out_channels
+            for c in by_name[unit].shrinkable
+        }
         for unit, _ in candidate.scales
     }
     kwargs = {
@@ -157,7 +289,6 @@ def rebuild(spec: ModelSpec) -> nn.Module:
     """The architecture a `search:` spec describes, with placeholder weights."""
     kw = spec.kwargs
     model = build_model(ModelSpec.from_dict(kw["base"]))
-    for name in kw["removed"]:
-        model.set_submodule(name, nn.Identity())
+    remove_units(model, kw["removed"], tuple(kw["input_size"]), by_importance=False)
     shrink(model, kw["channels"], tuple(kw["input_size"]), by_importance=False)
     return model

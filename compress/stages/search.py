@@ -1,7 +1,7 @@
 """`search`: N2N-style structural search (Ashok et al. 2018) for a smaller student.
 
-A bidirectional LSTM keeps or removes each removable residual block, then an autoregressive LSTM
-picks a width scale for each kept block's inner convs; both learn by REINFORCE from
+A bidirectional LSTM keeps or removes each removable unit (a residual block, or a conv of a plain
+CNN), then an autoregressive LSTM picks a width scale for each kept unit's convs; both learn by REINFORCE from
 R = C(2 - C) * A_student / A_teacher. Candidates inherit the input model's weights and are
 fine-tuned briefly with KD on cached teacher logits; accuracy comes from the validation split.
 """
@@ -94,6 +94,13 @@ class SearchStage(StageConfig):
     )
     reinit: bool = Field(
         False, description="Re-initialise candidates (N2N's from-scratch children)."
+    )
+    project_shape_changes: bool = Field(
+        False,
+        description="Residual blocks that change shape (downsampling, widening) may be removed "
+        "too: such a block becomes its own shortcut path (a ResNet's 1x1 conv + BN downsample or "
+        "the CIFAR ResNets' zero-pad shortcut, then the block's activation), or a new 1x1 conv + BN "
+        "for an inverted residual without a skip. Off: they stay (N2N keeps strided layers).",
     )
 
     _resolve_warm = field_validator("warm_start", mode="before")(_resolve_path)
@@ -276,7 +283,7 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
             f"stages[{ctx.index}] (search): candidates are scored on the validation split, "
             "which is empty; set data.val_fraction > 0 or add a val/ folder"
         )
-    units = find_units(ctx.model.cpu(), ctx.data.input_size)
+    units = find_units(ctx.model.cpu(), ctx.data.input_size, cfg.project_shape_changes)
     teacher_val = evaluate(ctx.teacher, ctx.data.loader("val"), ctx.device, desc="teacher val")
     evaluator = CandidateEvaluator(ctx, cfg, units, teacher_val["top1"])
     try:
