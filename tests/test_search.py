@@ -112,6 +112,47 @@ def test_policy_gradient_raises_probability_of_the_best_removal(tmp_path):
     assert all(changed), "every shrink-policy tensor (LSTM cell included) must be trained"
 
 
+def _budget_reward(candidate: Candidate) -> dict:
+    """Removing blocks costs accuracy, shrinking costs less; the budget is 3.5 of 6 "params"."""
+    params = 6 - len(candidate.removed) - 0.5 * len(candidate.scales)
+    raw = 1 - 0.1 * len(candidate.removed) - 0.02 * len(candidate.scales)
+    return {"reward_raw": raw, "violates": params > 3.5}
+
+
+def test_sequential_removal_is_scored_without_the_budget_the_shrink_phase_meets(tmp_path):
+    units = _synthetic_units(6)
+    settings = SearchSettings(
+        mode="sequential", updates=2, rollouts=6, penalty_anneal_updates=0, seed=2
+    )  # a hard -1 for every over-budget candidate, from the first update
+    search = PolicySearch(units, _budget_reward, settings, tmp_path)
+    search.run()
+    removal = [r for r in search.records.values() if r["phase"] == "removal"]
+    first = search.summaries[0]
+    raws = [search.records[k]["reward_raw"] for k in first["candidates"]]
+    assert any(search.records[k]["violates"] for k in first["candidates"])
+    assert first["rewards"] == raws  # over budget, yet not penalised in the removal phase
+    start = max(removal, key=lambda r: r["reward_raw"])
+    assert start["violates"] and search.stage1["candidate"]["removed"] == start["removed"]
+    shrink = search.summaries[settings.updates]
+    assert shrink["phase"] == "shrink"
+    for key, got in zip(shrink["candidates"], shrink["rewards"], strict=True):
+        record = search.records[key]
+        assert got == (-1.0 if record["violates"] else record["reward_raw"])
+    assert not search.best()["violates"]
+    # A one-phase search keeps the budget in force
+    alone = PolicySearch(
+        units,
+        _budget_reward,
+        settings.__class__(mode="removal", updates=1, rollouts=6, penalty_anneal_updates=0, seed=2),
+        tmp_path / "alone",
+    )
+    alone.run()
+    rewards = alone.summaries[0]["rewards"]
+    violating = [alone.records[k]["violates"] for k in alone.summaries[0]["candidates"]]
+    assert any(violating)
+    assert all(r == -1.0 for r, v in zip(rewards, violating, strict=True) if v)
+
+
 def test_policies_transfer_to_a_teacher_with_more_units(tmp_path):
     settings = SearchSettings(mode="joint", updates=2, rollouts=2, seed=3)
     small = PolicySearch(_synthetic_units(4), _synthetic_reward, settings, tmp_path / "small")

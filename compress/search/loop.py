@@ -238,12 +238,20 @@ class PolicySearch:
         self._write_history()
         bar.update(len(candidates) - len(mine))
 
-    def _score(self, candidate: Candidate, global_update: int) -> dict[str, Any]:
+    def _budgeted(self, phase: str) -> bool:
+        """Whether the budgets shape this phase's rewards. A sequential search's removal phase is
+        scored without them: its best architecture is only the start of the shrink phase, which
+        can still cut widths to the budget, and forcing the budget on removal alone favours
+        removing too much (the more damaging action)."""
+        return not (self.s.mode == "sequential" and phase == "removal")
+
+    def _score(self, candidate: Candidate, phase: str, global_update: int) -> dict[str, Any]:
         record = self.records[candidate.key()]
         if record.get("reward_raw") is None:
             return {**record, "reward": INVALID}
+        violates = record["violates"] and self._budgeted(phase)
         reward = constrained_reward(
-            record["reward_raw"], record["violates"], global_update, self.s.penalty_anneal_updates
+            record["reward_raw"], violates, global_update, self.s.penalty_anneal_updates
         )
         return {**record, "reward": reward}
 
@@ -277,8 +285,9 @@ class PolicySearch:
     def _next_phase(self, phase: str) -> None:
         if phase == "removal":
             scored = [r for r in self.records.values() if r.get("phase") == "removal"]
-            valid = [r for r in scored if r.get("reward_raw") is not None and not r["violates"]]
-            pool = valid or [r for r in scored if r.get("reward_raw") is not None]
+            pool = [r for r in scored if r.get("reward_raw") is not None]
+            if self._budgeted(phase):  # keep to the budgets where any candidate met them
+                pool = [r for r in pool if not r["violates"]] or pool
             if pool:
                 self.stage1 = max(pool, key=lambda r: r["reward_raw"])
                 self.stage1 = {"candidate": {"removed": self.stage1["removed"]}}
@@ -293,7 +302,7 @@ class PolicySearch:
         bar.set_postfix(phase=phase, update=f"{self.update + 1}/{self.s.updates}")
         self._evaluate_new([c for _, c in sampled], phase, global_update, bar)
         rollouts = [r for r, _ in sampled]
-        scored = [self._score(c, global_update) for _, c in sampled]
+        scored = [self._score(c, phase, global_update) for _, c in sampled]
         rewards, keys = [s["reward"] for s in scored], [s["key"] for s in scored]
         best = self.best()
         bar.set_postfix(
