@@ -143,7 +143,7 @@ def test_sequential_removal_is_scored_without_the_budget_the_shrink_phase_meets(
     alone = PolicySearch(
         units,
         _budget_reward,
-        settings.__class__(mode="removal", updates=1, rollouts=6, penalty_anneal_updates=0, seed=2),
+        SearchSettings(mode="removal", updates=1, rollouts=6, penalty_anneal_updates=0, seed=2),
         tmp_path / "alone",
     )
     alone.run()
