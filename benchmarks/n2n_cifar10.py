@@ -35,7 +35,7 @@ from compress.errors import StageFailed
 from compress.models import create_model, load_model, save_model
 from compress.pipeline import Pipeline
 from compress.recipe import parse_recipe
-from compress.search.surgery import Candidate, build_candidate, candidate_spec
+from compress.search.surgery import Candidate, build_candidate, candidate_spec, reinitialise
 from compress.search.units import find_units
 
 PAPER_EPOCHS = 5
@@ -70,9 +70,7 @@ def reinitialised(path: Path, out: Path) -> Path:
         return out
     model, spec = load_model(path)
     torch.manual_seed(0)
-    for m in model.modules():
-        if hasattr(m, "reset_parameters") and m is not model:
-            m.reset_parameters()
+    reinitialise(model)
     return save_model(model, spec, out)
 
 
@@ -259,13 +257,12 @@ def main() -> None:
         print("inherited candidate", json.dumps(point), flush=True)
 
     # The best student distilled, and the teacher fine-tuned with the same stage and images
-    tuned_stage = {**final}
     student_report, student_wall = run_recipe(
         recipe("final", seed, [final], student={"model": str(best_file)}, augment="crop_flip"),
         root / "final",
     )
     tuned, tuned_wall = run_recipe(
-        recipe("teacher-tuned", seed, [tuned_stage], augment="crop_flip"), root / "teacher-tuned"
+        recipe("teacher-tuned", seed, [final], augment="crop_flip"), root / "teacher-tuned"
     )
     # and with cross-entropy alone (the train stage), which may adapt it more to these images
     ce_stage = {k: v for k, v in final.items() if k != "type"} | {"type": "train"}

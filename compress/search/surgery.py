@@ -225,6 +225,13 @@ def remove_units(
         )
 
 
+def reinitialise(model: nn.Module) -> None:
+    """Fresh weights for every layer, in place (the original method's children)."""
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+
+
 def build_candidate(
     teacher: nn.Module,
     units: list[Unit],
@@ -249,9 +256,7 @@ def build_candidate(
     }
     shrink(model, targets, input_size)
     if reinit:
-        for m in model.modules():
-            if hasattr(m, "reset_parameters") and m is not model:
-                m.reset_parameters()
+        reinitialise(model)
     model.eval()
     with torch.no_grad():
         out = model(torch.zeros(2, *input_size))
