@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--out", type=Path, default=None, help="keep the runs here; a rerun resumes")
     args = p.parse_args()
     shipped = yaml.safe_load(TEACHER_RECIPE.read_text())
     data = {
@@ -67,8 +68,8 @@ def main() -> None:
         "batch_size": 128,
     }
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.out or Path(scratch)
         train = {**shipped["stages"][0], "epochs": args.teacher_epochs}
         teacher, teacher_metrics = run_recipe(
             {
