@@ -1,0 +1,109 @@
+"""How many policy updates N2N needs to beat random search, on a synthetic reward (minutes).
+
+The real search (benchmarks/n2n_cifar10.py) pays seconds per candidate; this one runs the real
+`PolicySearch` (both policies, the sequential removal-then-shrink phases, the parameter budget and
+its penalty) over the real units of cifar_resnet56, but scores a candidate with a synthetic
+accuracy instead of fine-tuning it, so policy gradient and random search can be compared over many
+seeds and budgets. The synthetic accuracy, per seed: each block costs a random 0.4-3 points when
+removed (1.5x in the last stage), each kept block a random 0-5 points x (1 - scale)^1.5 when
+shrunk, removing more than 10 blocks costs 0.4 points per extra block, plus Gaussian noise of 1.2
+points (the spread of a 1,000-image validation score); the reward is N2N's on the units' real
+parameter counts, under a budget of a third of the teacher's parameters. Only the trend is
+meant to carry over: which budget (updates x rollouts per phase) the policy needs before it pays.
+Last stdout line: one JSON object (per budget, each strategy's mean best reward over the seeds,
+its standard error, and the ratio policy / random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks._common import save
+from compress.models import create_model
+from compress.search.loop import PolicySearch, SearchSettings
+from compress.search.reward import reward
+from compress.search.surgery import Candidate
+from compress.search.units import Unit, find_units
+
+TEACHER_ACCURACY = 0.93
+
+
+def synthetic_evaluate(units: list[Unit], total_params: float, seed: int) -> Callable:
+    """A candidate scorer for one synthetic world (see the module docstring)."""
+    g = random.Random(seed)
+    removal_cost = {
+        u.name: g.uniform(0.004, 0.03) * (1.5 if u.name.startswith("layer3") else 1.0)
+        for u in units
+    }
+    shrink_cost = {u.name: g.uniform(0.0, 0.05) for u in units}
+    unit_params = sum(u.features["params"] for u in units)
+    budget = total_params / 3
+
+    def evaluate(candidate: Candidate) -> dict:
+        removed, scales = set(candidate.removed), dict(candidate.scales)
+        loss = sum(removal_cost[n] for n in removed)
+        loss += sum(shrink_cost[n] * (1 - s) ** 1.5 for n, s in scales.items())
+        loss += 0.004 * max(0, len(removed) - 10)
+        accuracy = max(0.1, TEACHER_ACCURACY - loss) + g.gauss(0, 0.012)
+        params = total_params - unit_params
+        params += sum(
+            u.features["params"] * scales.get(u.name, 1.0) for u in units if u.name not in removed
+        )
+        return {
+            "reward_raw": reward(accuracy, TEACHER_ACCURACY, params, total_params),
+            "violates": params > budget,
+        }
+
+    return evaluate
+
+
+def best_reward(strategy: str, seed: int, updates: int, rollouts: int, units, total) -> float:
+    settings = SearchSettings(
+        mode="sequential", strategy=strategy, updates=updates, rollouts=rollouts, seed=seed
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        best = PolicySearch(
+            units, synthetic_evaluate(units, total, 1000 + seed), settings, Path(tmp)
+        ).run()
+    return best["reward_raw"] if best else -1.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument(
+        "--budgets", nargs="+", default=["6x4", "30x5"], help="updates x rollouts per phase"
+    )
+    p.add_argument("--seeds", type=int, default=16)
+    args = p.parse_args()
+    logging.getLogger("compress").setLevel(logging.WARNING)
+    model, _ = create_model("cifar_resnet56")
+    units = find_units(model, (3, 32, 32))
+    total = float(sum(q.numel() for q in model.parameters()))
+    results = []
+    for budget in args.budgets:
+        updates, rollouts = (int(v) for v in budget.split("x"))
+        row = {"updates": updates, "rollouts": rollouts, "candidates": 2 * updates * rollouts}
+        for strategy in ("policy_gradient", "random"):
+            best = [
+                best_reward(strategy, s, updates, rollouts, units, total) for s in range(args.seeds)
+            ]
+            row[strategy] = {
+                "mean_best_reward": statistics.mean(best),
+                "stderr": statistics.stdev(best) / len(best) ** 0.5,
+            }
+        row["policy_vs_random"] = (
+            row["policy_gradient"]["mean_best_reward"] / row["random"]["mean_best_reward"]
+        )
+        print(row, flush=True)
+        results.append(row)
+    save("n2n_policy_budget", {"seeds": args.seeds, "budgets": results})
+
+
+if __name__ == "__main__":
+    main()
