@@ -4,7 +4,9 @@ In one run and at the same candidate budget (`--updates` x `--rollouts` per phas
 - N2N search (policy gradient) against random search over the same action space, two seeds each,
   under the same parameter budget (`--max-params`, default a third of the teacher's);
 - inherited-weight candidates against re-initialised ones trained on the same images, on the
-  architectures both runs evaluated (the removal phase's first update is the same for one seed);
+  architectures both runs evaluated (the removal phase's first update is the same for one seed;
+  the re-initialised run is a removal search of `--reinit-updates`, without the budget, as the
+  sequential search scores its removal phase);
 - the original's candidate training (re-initialised, 5 epochs over the full 45,000-image train
   split, Adam lr 5e-4, weight decay 5e-4, crop+flip, batch 200) on the best N2N architecture,
   against that candidate's own brief fine-tuning: test top-1 and images processed;
@@ -98,6 +100,12 @@ def main() -> None:
     p.add_argument("--max-params", type=int, default=RESNET56_PARAMS // 3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--final-epochs", type=int, default=8)
+    p.add_argument(
+        "--reinit-updates",
+        type=int,
+        default=6,
+        help="updates of the re-initialised search (only architectures both runs met count)",
+    )
     p.add_argument("--paper-epochs", type=int, default=PAPER_EPOCHS, help="0: skip that run")
     p.add_argument(
         "--budget-steps",
@@ -177,7 +185,13 @@ def main() -> None:
 
     # Inherited weights against re-initialised children trained on the same images
     reinit_out = root / f"reinit-{seed}"
-    reinit_search = {**search, "reinit": True, "mode": "removal"}
+    # scored like the sequential search's removal phase: without the budget
+    reinit_search = {
+        **{k: v for k, v in search.items() if k != "max_params"},
+        "reinit": True,
+        "mode": "removal",
+        "updates": min(args.updates, args.reinit_updates),
+    }
     _, reinit_wall = run_recipe(recipe(f"reinit-{seed}", seed, [reinit_search]), reinit_out)
     inherited, reinit = history(root / f"policy_gradient-{seed}"), history(reinit_out)
     common = sorted(set(inherited) & set(reinit))
@@ -297,6 +311,7 @@ def main() -> None:
                 "seeds",
                 "final_epochs",
                 "paper_epochs",
+                "reinit_updates",
             )
         },
         "n2n": n2n,
