@@ -1,6 +1,6 @@
 """How many policy updates N2N needs to beat random search, on a synthetic reward.
 
-About 24 minutes on 2 shared CPU cores at the defaults (16 seeds; budgets 6x4, 15x5 and 30x5).
+About 2.5 minutes on 2 CPU cores (shared with another job) at the defaults (16 seeds; budgets 6x4, 15x5 and 30x5).
 
 The real search (benchmarks/n2n_cifar10.py) pays seconds per candidate; this one runs the real
 `PolicySearch` (both policies, the sequential removal-then-shrink phases, the parameter budget and
