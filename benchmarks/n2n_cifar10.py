@@ -150,8 +150,8 @@ def main() -> None:
 
     root = args.out or Path(tempfile.mkdtemp(prefix="n2n-"))
     runs: dict[str, list[dict]] = {"policy_gradient": [], "random": []}
-    for strategy in runs:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a stopped run has compared both strategies first
+        for strategy in runs:
             out = root / f"{strategy}-{seed}"
             stages = [{**search, "strategy": strategy}]
             try:
