@@ -1,10 +1,11 @@
 """How many policy updates N2N needs to beat random search, on a synthetic reward.
 
-About 2.5 minutes on 2 CPU cores (shared with another job) at the defaults (16 seeds; budgets 6x4, 15x5 and 30x5).
+About 2.5 minutes on 2 CPU cores (shared with another job) at the defaults (16 seeds; budgets
+6x4, 15x5 and 30x5).
 
 The real search (benchmarks/n2n_cifar10.py) pays seconds per candidate; this one runs the real
-`PolicySearch` (both policies, the sequential removal-then-shrink phases, the parameter budget and
-its penalty) over the real units of cifar_resnet56, but scores a candidate with a synthetic
+`PolicySearch` (both policies, the sequential removal-then-shrink phases, the parameter budget, its
+penalty and the bounded shrink actions; `--free-actions` drops the bound) over the real units of cifar_resnet56, but scores a candidate with a synthetic
 accuracy instead of fine-tuning it, so policy gradient and random search can be compared over many
 seeds and budgets. The synthetic accuracy, per seed: each block costs a random 0.4-3 points when
 removed (1.5x in the last stage), each kept block a random 0-5 points x (1 - scale)^1.5 when
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from benchmarks._common import save
 from compress.models import create_model
+from compress.search.budget import CostBound, cost_bounds
 from compress.search.loop import PolicySearch, SearchSettings
 from compress.search.reward import reward
 from compress.search.surgery import Candidate
@@ -66,14 +68,20 @@ def synthetic_evaluate(units: list[Unit], total_params: float, seed: int) -> Cal
 
 
 def best_reward(
-    strategy: str, seed: int, updates: int, rollouts: int, units: list[Unit], total: float
+    strategy: str,
+    seed: int,
+    updates: int,
+    rollouts: int,
+    units: list[Unit],
+    total: float,
+    bounds: list[CostBound],
 ) -> float:
     settings = SearchSettings(
         mode="sequential", strategy=strategy, updates=updates, rollouts=rollouts, seed=seed
     )
     with tempfile.TemporaryDirectory() as tmp:
         best = PolicySearch(
-            units, synthetic_evaluate(units, total, 1000 + seed), settings, Path(tmp)
+            units, synthetic_evaluate(units, total, 1000 + seed), settings, Path(tmp), bounds=bounds
         ).run()
     return best["reward_raw"] if best else -1.0
 
@@ -84,18 +92,29 @@ def main() -> None:
         "--budgets", nargs="+", default=["6x4", "15x5", "30x5"], help="updates x rollouts per phase"
     )
     p.add_argument("--seeds", type=int, default=16)
+    p.add_argument(
+        "--free-actions",
+        action="store_true",
+        help="shrink actions not held to the budget (the search stage's bound_actions: false)",
+    )
     args = p.parse_args()
     logging.getLogger("compress").setLevel(logging.WARNING)
     model, _ = create_model("cifar_resnet56")
     units = find_units(model, (3, 32, 32))
     total = float(sum(q.numel() for q in model.parameters()))
+    scales = SearchSettings().scales
+    limits = {"params": total / 3}
+    bounds = (
+        [] if args.free_actions else cost_bounds(model, units, scales, 8, limits, {"params": total})
+    )
     results = []
     for budget in args.budgets:
         updates, rollouts = (int(v) for v in budget.split("x"))
         row = {"updates": updates, "rollouts": rollouts, "candidates": 2 * updates * rollouts}
         for strategy in ("policy_gradient", "random"):
             best = [
-                best_reward(strategy, s, updates, rollouts, units, total) for s in range(args.seeds)
+                best_reward(strategy, s, updates, rollouts, units, total, bounds)
+                for s in range(args.seeds)
             ]
             row[strategy] = {
                 "mean_best_reward": statistics.mean(best),
@@ -106,7 +125,8 @@ def main() -> None:
         )
         print(row, flush=True)
         results.append(row)
-    save("n2n_policy_budget", {"seeds": args.seeds, "budgets": results})
+    name = "n2n_policy_budget" + ("_free_actions" if args.free_actions else "")
+    save(name, {"seeds": args.seeds, "bound_actions": not args.free_actions, "budgets": results})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import nn
 from compress.errors import InputError
 from compress.io import read_json
 from compress.models import create_model, load_model, save_model
+from compress.search.budget import CostBound, cost_bounds, shrink_mask
 from compress.search.loop import HISTORY_FILE, PolicySearch, SearchSettings
 from compress.search.policies import MovingBaseline, RemovalPolicy, reinforce_step
 from compress.search.reward import constrained_reward, reward
@@ -427,6 +428,48 @@ def test_shrinkage_keeps_the_zero_pad_shortcut_stream(resnet56_weights):
     # The stream is coupled across blocks by the parameter-free shortcut: shrinking it is refused
     with pytest.raises(ValueError, match="shared beyond its block"):
         shrink(teacher, {"layer1.0": {"conv2": 8}}, SIZE)
+
+
+@pytest.mark.parametrize("strategy", ["random", "policy_gradient"])
+def test_bounded_shrink_actions_keep_real_candidates_within_the_budget(strategy, tmp_path):
+    model, _ = create_model("cifar_resnet20")
+    model.eval()
+    units = find_units(model, SIZE)
+    total = _params(model)
+    limit = 0.35 * total
+    settings = SearchSettings(mode="joint", strategy=strategy, updates=2, rollouts=5, seed=0)
+    bounds = cost_bounds(model, units, settings.scales, 8, {"params": limit}, {"params": total})
+
+    def built_params(search_dir, bounds) -> list[int]:
+        counts = []
+
+        def evaluate(candidate: Candidate) -> dict:
+            counts.append(_params(build_candidate(model, units, candidate, SIZE)))
+            return {"reward_raw": 0.5, "violates": counts[-1] > limit}
+
+        PolicySearch(units, evaluate, settings, tmp_path / search_dir, bounds=bounds).run()
+        return counts
+
+    free = built_params("free", None)
+    bounded = built_params("bounded", bounds)
+    assert any(n > limit for n in free)  # the same search without bounds breaks the budget
+    assert len(bounded) >= 6 and all(n <= limit for n in bounded)
+    assert max(bounded) > 0.8 * limit  # bounded, not simply shrunk to the minimum
+
+
+def test_shrink_mask_offers_the_largest_saving_when_the_budget_cannot_be_met():
+    bound = CostBound(
+        limit=50.0,
+        total=100.0,
+        unit_cost={"a": 40.0, "b": 40.0},
+        kept={"a": [0.25, 0.5, 1.0], "b": [0.25, 0.5, 1.0]},
+    )
+    allowed = shrink_mask([bound], [], ["a", "b"], 3)
+    # a at 1.0 leaves 100 - 30 (b at its smallest) = 70 > 50; at 0.5: 50; at 0.25: 40
+    assert allowed([]).tolist() == [True, True, False]
+    assert allowed([1]).tolist() == [True, False, False]  # 80 - 30 = 50 at b's 0.25 only
+    tight = CostBound(10.0, 100.0, {"a": 40.0}, {"a": [0.25, 0.5, 1.0]})
+    assert shrink_mask([tight], [], ["a"], 3)([]).tolist() == [True, False, False]
 
 
 def test_unsupported_model_is_named():

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from compress.io import atomic_path, write_text
 from compress.log import logger
+from compress.search.budget import CostBound, shrink_mask
 from compress.search.policies import (
     MovingBaseline,
     RemovalPolicy,
@@ -85,11 +86,14 @@ class PolicySearch:
         world_size: int = 1,
         share: Share | None = None,
         on_update: Callable[[dict[str, Any] | None], None] | None = None,
+        bounds: list[CostBound] | None = None,
     ):
         """Under torchrun every rank samples the same rollouts (same seed); the new candidates
         of an update are split across ranks (`rank`, `world_size`) and their records pooled with
-        `share`. `on_update(best)` runs on every rank after each update's records are in."""
+        `share`. `on_update(best)` runs on every rank after each update's records are in.
+        `bounds` hold the shrink actions to the budgets they estimate (compress.search.budget)."""
         self.units, self.evaluate, self.s = units, evaluate, settings
+        self.bounds = bounds or []
         self.work_dir, self.writer = Path(work_dir), writer
         self.rank, self.world_size = rank, world_size
         self.share = share or (lambda records: records)
@@ -204,7 +208,11 @@ class PolicySearch:
             else:
                 targets = [u for u in self.units if u.shrinkable and u.name not in removed]
             if targets:
-                r = self.shrink.sample(feature_matrix(targets), self.generator, uniform)
+                allowed = None
+                if self.bounds:
+                    names = [u.name for u in targets]
+                    allowed = shrink_mask(self.bounds, removed, names, len(self.s.scales))
+                r = self.shrink.sample(feature_matrix(targets), self.generator, uniform, allowed)
                 scales = {u.name: self.s.scales[a] for u, a in zip(targets, r.actions, strict=True)}
                 parts.append(r)
         rollout = Rollout(

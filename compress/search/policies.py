@@ -5,6 +5,7 @@ trained on one teacher runs on another."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +21,20 @@ class Rollout:
     entropy: torch.Tensor
 
 
-def _sample(logits: torch.Tensor, generator: torch.Generator | None, uniform: bool) -> Rollout:
+def _sample(
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    uniform: bool,
+    mask: torch.Tensor | None = None,
+) -> Rollout:
+    """Sample from the logits (or uniformly), over the actions `mask` allows (all without one)."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
     dist = torch.distributions.Categorical(logits=logits)
-    probs = torch.full_like(logits, 1.0) if uniform else dist.probs
+    if uniform:
+        probs = torch.ones_like(logits) if mask is None else mask.expand_as(logits).to(logits)
+    else:
+        probs = dist.probs
     actions = torch.multinomial(probs.detach(), 1, generator=generator).squeeze(-1)
     return Rollout(actions.tolist(), dist.log_prob(actions).sum(), dist.entropy().sum())
 
@@ -53,13 +65,21 @@ class ShrinkPolicy(nn.Module):
         self.cell = nn.LSTMCell(features + actions, hidden)
         self.head = nn.Linear(hidden, actions)
 
-    def sample(self, x: torch.Tensor, generator=None, uniform: bool = False) -> Rollout:
+    def sample(
+        self,
+        x: torch.Tensor,
+        generator=None,
+        uniform: bool = False,
+        allowed: Callable[[list[int]], torch.Tensor] | None = None,
+    ) -> Rollout:
+        """`allowed(previous actions)` masks each step's choices (see compress.search.budget)."""
         h = c = x.new_zeros(1, self.cell.hidden_size)
         previous = x.new_zeros(1, self.actions)
         actions, log_probs, entropies = [], [], []
         for t in range(x.shape[0]):
             h, c = self.cell(torch.cat([x[t : t + 1], previous], dim=1), (h, c))
-            step = _sample(self.head(h), generator, uniform)
+            mask = None if allowed is None else allowed(actions)
+            step = _sample(self.head(h), generator, uniform, mask)
             actions += step.actions
             log_probs.append(step.log_prob)
             entropies.append(step.entropy)

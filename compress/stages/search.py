@@ -26,6 +26,7 @@ from compress.io import atomic_path, read_json, write_json
 from compress.log import logger
 from compress.models import load_model, save_model
 from compress.recipe import _resolve_path
+from compress.search.budget import cost_bounds
 from compress.search.loop import HISTORY_FILE, POLICY_FILE, PolicySearch, SearchSettings
 from compress.search.reward import compression, reward
 from compress.search.surgery import Candidate, build_candidate, candidate_spec
@@ -67,6 +68,12 @@ class SearchStage(StageConfig):
     max_flops: int | None = Field(None, gt=0, description="Budget: FLOPs per image.")
     max_latency_ms: float | None = Field(
         None, gt=0, description="Budget: eager batch-1 latency on this machine (ms)."
+    )
+    bound_actions: bool = Field(
+        True,
+        description="Shrink actions that would leave a candidate over max_params or max_flops "
+        "(estimated from the units' own counts) are not sampled, as AMC bounds its actions; "
+        "off: sampled freely and only penalised, as in N2N.",
     )
     penalty_anneal_updates: int = Field(
         15, ge=0, description="Over-budget penalty goes from soft to a hard -1 over these updates."
@@ -286,6 +293,11 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
     units = find_units(ctx.model.cpu(), ctx.data.input_size, cfg.project_shape_changes)
     teacher_val = evaluate(ctx.teacher, ctx.data.loader("val"), ctx.device, desc="teacher val")
     evaluator = CandidateEvaluator(ctx, cfg, units, teacher_val["top1"])
+    bounds = []
+    if cfg.bound_actions:
+        limits = {"params": cfg.max_params, "flops": cfg.max_flops}
+        start = evaluator.costs(evaluator.start)
+        bounds = cost_bounds(evaluator.start, units, cfg.scales, cfg.round_to, limits, start)
     try:
         search = PolicySearch(
             units,
@@ -298,6 +310,7 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
             world_size=ctx.dist.world_size,
             share=lambda records: all_gather_lists(ctx.dist, records),
             on_update=evaluator.promote,
+            bounds=bounds,
         )
     except ValueError as e:
         raise InputError(f"stages[{ctx.index}].warm_start: {e}") from None
