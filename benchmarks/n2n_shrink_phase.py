@@ -2,9 +2,10 @@
 
 Takes the stage-1 architecture (the removal phase's best) of an earlier sequential search
 (`--from`, a search stage folder of benchmarks/n2n_cifar10.py, e.g. its policy_gradient-0 run),
-builds it from the shared cifar_resnet56 weights, and runs a `mode: shrink` search from it per
-strategy, at the same candidate budget (`--updates` x `--rollouts`), data, candidate training and
-parameter budget as that benchmark; the reward is still relative to the full teacher. About 15
+builds it from that run's teacher, and runs a `mode: shrink` search from it per strategy at the
+same candidate budget (`--updates` x `--rollouts`). Data, teacher, candidate training and parameter
+budget are read from that run's resolved `recipe.yaml`, so both phases share them; the reward is
+still relative to the full teacher. About 15
 minutes per strategy on 2 CPU cores at the defaults. `--free-actions` turns the bounded shrink
 actions off (the stage's `bound_actions: false`). Last stdout line: one JSON object (each
 strategy's best reward, its val top-1 and parameters, the mean reward of its valid candidates,
@@ -20,9 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
-from benchmarks._common import SHARED, require, save
-from benchmarks.n2n_cifar10 import RESNET56_PARAMS, inherited_candidate, run_recipe, search_metrics
+from benchmarks._common import require, save
+from benchmarks.n2n_cifar10 import inherited_candidate, run_recipe, search_metrics
+from compress.pipeline import RECIPE_FILE
 from compress.search.loop import HISTORY_FILE, STATE_FILE
 
 
@@ -38,40 +41,30 @@ def main() -> None:
     args = p.parse_args()
     state = torch.load(require(args.source / STATE_FILE), weights_only=True)
     removed = json.loads(state["stage1"])["candidate"]["removed"]
-    weights = require(SHARED / "weights" / "cifar_resnet") / "resnet56-4bfd9763.th"
-    teacher = {"model": "cifar_resnet56", "weights": str(weights)}
+    source = yaml.safe_load(require(args.source.parent / RECIPE_FILE).read_text())
+    search = next(st for st in source["stages"] if st["type"] == "search")
     root = args.out or Path(tempfile.mkdtemp(prefix="n2n-shrink-"))
     root.mkdir(parents=True, exist_ok=True)
     start = inherited_candidate(
-        teacher, {"removed": removed, "scales": {}}, root / "stage1.safetensors"
+        source["teacher"], {"removed": removed, "scales": {}}, root / "stage1.safetensors"
     )
-    data = {
-        "root": str(require(SHARED / "data" / "cifar10")),
-        "limit_per_class": 1000,
-        "test_limit_per_class": 300,
-        "augment": "none",
-    }
     rows = []
     for strategy in args.strategies:
         stage = {
-            "type": "search",
+            **search,
+            "name": None,
             "mode": "shrink",
             "strategy": strategy,
             "updates": args.updates,
             "rollouts": args.rollouts,
-            "candidate_steps": 30,
-            "candidate_batch_size": 64,
-            "candidate_images": 5000,
-            "val_images": 1000,
-            "max_params": RESNET56_PARAMS // 3,
+            "bound_actions": not args.free_actions,
+            "warm_start": None,
         }
-        if args.free_actions:
-            stage["bound_actions"] = False
         recipe = {
             "name": strategy,
             "seed": args.seed,
-            "data": data,
-            "teacher": teacher,
+            "data": source["data"],
+            "teacher": source["teacher"],
             "student": {"model": str(start)},
             "stages": [stage],
         }

@@ -31,6 +31,7 @@ from compress.stages import STAGES, StageContext
 from compress.train.distributed import DistInfo, barrier, broadcast, init_distributed
 
 RUN_MARKER = ".compress-run"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written into every run folder
 STAGE_STATE = "stage.json"
 MODEL_FILE = "model.safetensors"
 SCRATCH_FILES = ("checkpoint.pt", "teacher_logits.pt")
@@ -106,7 +107,7 @@ class Pipeline:
             (out / RUN_MARKER).touch()
             setup_logging(out / "run.log")
             resolved = self.recipe.model_dump(mode="json", exclude_none=False)
-            write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            write_text(out / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
         barrier(self.dist)
 
     # ------------------------------------------------------------------ models
