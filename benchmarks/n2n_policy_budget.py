@@ -5,16 +5,17 @@ About 2.5 minutes on 2 CPU cores (shared with another job) at the defaults (16 s
 
 The real search (benchmarks/n2n_cifar10.py) pays seconds per candidate; this one runs the real
 `PolicySearch` (both policies, the sequential removal-then-shrink phases, the parameter budget, its
-penalty and the bounded shrink actions; `--free-actions` drops the bound) over the real units of cifar_resnet56, but scores a candidate with a synthetic
-accuracy instead of fine-tuning it, so policy gradient and random search can be compared over many
-seeds and budgets. The synthetic accuracy, per seed: each block costs a random 0.4-3 points when
-removed (1.5x in the last stage), each kept block a random 0-5 points x (1 - scale)^1.5 when
-shrunk, removing more than 10 blocks costs 0.4 points per extra block, plus Gaussian noise of 1.2
-points (the spread of a 1,000-image validation score); the reward is N2N's on the units' real
-parameter counts, under a budget of a third of the teacher's parameters. Only the trend is
-meant to carry over: which budget (updates x rollouts per phase) the policy needs before it pays.
-Last stdout line: one JSON object (per budget, each strategy's mean best reward over the seeds,
-its standard error, and the ratio policy / random).
+penalty and the bounded shrink actions; `--free-actions` drops the bound) over the real units of
+cifar_resnet56, but scores a candidate with a synthetic accuracy instead of fine-tuning it, so
+policy gradient and random search can be compared over many seeds and budgets. The synthetic
+accuracy, per seed: each block costs a random 0.4-3 points when removed (1.5x in the last stage),
+each kept block a random 0-5 points x (1 - scale)^1.5 when shrunk, removing more than 10 blocks
+costs 0.4 points per extra block, plus Gaussian noise of 1.2 points (the spread of a 1,000-image
+validation score); the reward is N2N's on the units' real parameter counts, under a budget of a
+third of the teacher's parameters. Only the trend is meant to carry over: which budget (updates x
+rollouts per phase) the policy needs before it pays. Last stdout line: one JSON object (per budget,
+each strategy's mean best reward over the seeds, its standard error, and the ratio policy /
+random).
 """
 
 from __future__ import annotations

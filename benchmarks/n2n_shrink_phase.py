@@ -5,9 +5,9 @@ Takes the stage-1 architecture (the removal phase's best) of an earlier sequenti
 builds it from that run's teacher, and runs a `mode: shrink` search from it per strategy at the
 same candidate budget (`--updates` x `--rollouts`). Data, teacher, candidate training and parameter
 budget are read from that run's resolved `recipe.yaml`, so both phases share them; the reward is
-still relative to the full teacher. About 15
-minutes per strategy on 2 CPU cores at the defaults. `--free-actions` turns the bounded shrink
-actions off (the stage's `bound_actions: false`). Last stdout line: one JSON object (each
+still relative to the full teacher. About 15 minutes per strategy on 2 CPU cores at the
+defaults. `--free-actions` turns the bounded shrink actions off (the stage's
+`bound_actions: false`). Last stdout line: one JSON object (each
 strategy's best reward, its val top-1 and parameters, the mean reward of its valid candidates,
 over-budget candidates, candidate evaluation time).
 """
