@@ -8,6 +8,7 @@ and `metrics.jsonl`. Runs unchanged under torchrun (DistributedDataParallel).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -260,7 +261,8 @@ def fit(
         "epochs": cfg.epochs,
         "final_train_loss": last.get("train_loss"),
         "final_val_top1": last.get("val_top1"),
+        # The median epoch: robust to an epoch slowed by other load on the machine.
         "images_per_s": (
-            sum(h["images_per_s"] for h in history) / len(history) if history else None
+            statistics.median(h["images_per_s"] for h in history) if history else None
         ),
     }
