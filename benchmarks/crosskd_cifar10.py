@@ -123,6 +123,7 @@ def main() -> None:
             "teacher": {**shipped["student"], "epochs": args.teacher_epochs},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "teacher_wall_s": teacher_metrics["wall_s"],
+            "teacher_train_time_s": teacher_metrics.get("train_time_s"),  # across resumes
             "wall_s": teacher_metrics["wall_s"] + sum(r["wall_s"] for r in rows),
             "rows": rows,
         },

@@ -129,7 +129,11 @@ def test_killed_run_resumes_and_fresh_starts_over(tmp_path, small_recipe):
     assert "[0] eval-initial: done earlier, skipped" in result.stdout
     assert "resuming after epoch" in result.stdout + result.stderr
     log = (out / "01-distill" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3, 4]
+    epochs = [json.loads(line) for line in log]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    metrics = read_json(out / "01-distill" / "stage.json")["metrics"]
+    # the killed attempt's epochs count towards the training time
+    assert metrics["train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in epochs))
 
     result = run_cli("run", str(path), "--out", str(out))
     assert result.stdout.count("done earlier, skipped") == 4

@@ -261,6 +261,8 @@ def fit(
         "epochs": cfg.epochs,
         "final_train_loss": last.get("train_loss"),
         "final_val_top1": last.get("val_top1"),
+        # Summed over every epoch, including those of an interrupted run that this one resumed.
+        "train_time_s": sum(h["epoch_time_s"] for h in history),
         # The median epoch: robust to an epoch slowed by other load on the machine.
         "images_per_s": (
             statistics.median(h["images_per_s"] for h in history) if history else None
