@@ -24,7 +24,7 @@ from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.io import read_json, write_json, write_text
 from compress.log import logger, setup_logging
-from compress.models import create_model, load_model, save_model
+from compress.models import ModelSpec, create_model, load_model, save_model
 from compress.recipe import ModelConfig, Recipe
 from compress.report import RunReport
 from compress.stages import STAGES, StageContext
@@ -34,6 +34,7 @@ RUN_MARKER = ".compress-run"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written into every run folder
 STAGE_STATE = "stage.json"
 MODEL_FILE = "model.safetensors"
+TEACHER_FILE = "teacher.safetensors"  # written by a stage that adapts the teacher
 SCRATCH_FILES = ("checkpoint.pt", "teacher_logits.pt")
 
 
@@ -92,6 +93,8 @@ class Pipeline:
         seed_everything(recipe.seed)
         self.data = ImageFolderData(recipe.data, recipe.seed)
         self._teacher: nn.Module | None = None
+        self._teacher_spec: ModelSpec | None = None
+        self._teacher_file: Path | None = None  # set once a stage has adapted the teacher
         self.report = RunReport(self.out_dir, recipe.name, writer=self.dist.is_main)
 
     def _prepare_dir(self, fresh: bool) -> None:
@@ -113,10 +116,16 @@ class Pipeline:
     # ------------------------------------------------------------------ models
 
     def teacher(self) -> nn.Module:
+        """The recipe's teacher, or the latest adapted one, in eval mode with gradients off."""
         if self._teacher is None:
             assert self.recipe.teacher is not None
             cfg = self.recipe.teacher
-            model, _ = create_model(cfg.model, cfg.kwargs, cfg.weights, self.data.num_classes)
+            if self._teacher_file is not None:
+                model, self._teacher_spec = load_model(self._teacher_file)
+            else:
+                model, self._teacher_spec = create_model(
+                    cfg.model, cfg.kwargs, cfg.weights, self.data.num_classes
+                )
             model.eval().requires_grad_(False)
             self._teacher = model.to(self.device)
         return self._teacher
@@ -171,6 +180,8 @@ class Pipeline:
             artifacts.update(state.get("artifacts", {}))
             if stage_type.makes_model:
                 current = f"{index:02d}-{cfg.label}"
+            if stage_type.makes_teacher:  # later stages learn from the adapted teacher
+                self._teacher_file, self._teacher = stage_dir / TEACHER_FILE, None
             self.report.record_stage(index, cfg, stage_dir, state, current)
             self.report.write()
         self.report.finish()
@@ -229,7 +240,7 @@ class Pipeline:
         )
         t0 = time.perf_counter()
         state: dict[str, Any] = {"key": key, "type": cfg.type, "label": cfg.label}
-        if stage_type.makes_model or self.dist.is_main:
+        if stage_type.makes_model or stage_type.makes_teacher or self.dist.is_main:
             try:
                 result = stage_type.run(ctx, cfg)
             except Exception as e:
@@ -251,6 +262,11 @@ class Pipeline:
             if stage_type.makes_model:
                 save_model(model.cpu(), spec, stage_dir / MODEL_FILE)
                 state["model"] = {"spec": spec.name, **self._measure(model, cfg.label)}
+            if result.teacher is not None:
+                assert self._teacher_spec is not None  # the stage built the teacher it adapted
+                save_model(result.teacher.cpu(), self._teacher_spec, stage_dir / TEACHER_FILE)
+                measured = self._measure(result.teacher, f"{cfg.label} teacher")
+                state["teacher_model"] = {"spec": self._teacher_spec.name, **measured}
             state["status"] = "done"
             write_json(stage_dir / STAGE_STATE, state)
             for name in SCRATCH_FILES:

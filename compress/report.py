@@ -107,6 +107,14 @@ class RunReport:
             )
         if state.get("model_metrics"):
             self.ensure_model(current, **state["model_metrics"])
+        if state.get("teacher_model"):  # an adapted teacher, the later stages' reference
+            self.ensure_model(
+                f"{stage_dir.name} teacher",
+                role="teacher",
+                stage=index,
+                **state["teacher_model"],
+                wall_time_s=state.get("wall_time_s"),
+            )
         if state.get("teacher_metrics") and self.model("teacher") is not None:
             self.ensure_model("teacher", **state["teacher_metrics"])
 
@@ -176,11 +184,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("|" + "---|" * len(COLUMNS))
     for m in report.get("models", []):
         lines.append("| " + " | ".join(_fmt(m.get(k), kind) for _, k, kind in COLUMNS) + " |")
-    teacher = next((m for m in report["models"] if m["name"] == "teacher"), None)
+    teachers = [m for m in report["models"] if m.get("role") == "teacher"]
+    teacher = teachers[-1] if teachers else None  # the adapted teacher when a stage made one
     finals = [m for m in report["models"] if m.get("role") == "stage"]
     if teacher and finals:
         s = finals[-1]
-        lines += ["", f"Final model `{s['name']}` against the teacher:"]
+        lines += ["", f"Final model `{s['name']}` against the teacher (`{teacher['name']}`):"]
         if teacher.get("params") and s.get("params"):
             lines.append(f"- {teacher['params'] / s['params']:.2f}x fewer parameters")
         if teacher.get("flops") and s.get("flops"):

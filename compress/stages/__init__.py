@@ -1,6 +1,7 @@
 """Stage types: importing this package registers every built-in stage."""
 
 from compress.stages import (  # noqa: F401 - importing registers the stage types
+    adapt_teacher,
     bench,
     distill,
     evaluate,

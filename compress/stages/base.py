@@ -67,6 +67,7 @@ class StageResult:
         default_factory=dict
     )  # merged into the model's report entry
     teacher_metrics: dict[str, Any] = field(default_factory=dict)  # merged into the teacher's entry
+    teacher: nn.Module | None = None  # a new teacher for the later stages (adapt_teacher)
 
 
 StageFn = Callable[[StageContext, Any], StageResult]
@@ -78,16 +79,22 @@ class StageType:
     config: type[StageConfig]
     run: StageFn
     makes_model: bool
+    makes_teacher: bool = False
 
 
 STAGES: dict[str, StageType] = {}
 
 
-def register_stage(name: str, config: type[StageConfig], makes_model: bool = False):
-    """Register `run(ctx, cfg) -> StageResult` as the stage type `name` configured by `config`."""
+def register_stage(
+    name: str, config: type[StageConfig], makes_model: bool = False, makes_teacher: bool = False
+):
+    """Register `run(ctx, cfg) -> StageResult` as the stage type `name` configured by `config`.
+
+    A stage that makes a model (or a teacher) runs on every torchrun rank, others on rank 0 only.
+    """
 
     def decorator(fn: StageFn) -> StageFn:
-        STAGES[name] = StageType(name, config, fn, makes_model)
+        STAGES[name] = StageType(name, config, fn, makes_model, makes_teacher)
         return fn
 
     return decorator
