@@ -40,8 +40,8 @@ def test_adapted_teacher_fits_the_data_and_teaches_the_later_stages(
     adapted, spec = load_model(adapted_file)
     original, _ = create_model("cifar_resnet20", weights=resnet20_weights, num_classes=10)
     assert spec.name == "cifar_resnet20"
-    pipeline = Pipeline(recipe, out)
-    train = pipeline.data.loader("train")
+    again = Pipeline(recipe, out)  # reruns below
+    train = again.data.loader("train")
     before = evaluate(original, train, torch.device("cpu"))["top1"]
     after = evaluate(adapted, train, torch.device("cpu"))["top1"]
     assert after > before  # it was trained on these images
@@ -54,7 +54,6 @@ def test_adapted_teacher_fits_the_data_and_teaches_the_later_stages(
     assert "against the teacher (`00-adapt_teacher teacher`)" in (out / "report.md").read_text()
 
     # a rerun skips both stages and its later stages see the adapted teacher, not the recipe's
-    again = Pipeline(recipe, out)
     assert again.run()["status"] == "complete"
     assert read_json(out / "01-distill" / "stage.json")["status"] == "done"
     teacher = again.teacher()
