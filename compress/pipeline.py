@@ -117,6 +117,9 @@ class Pipeline:
 
     def teacher(self) -> nn.Module:
         """The recipe's teacher, or the latest adapted one, in eval mode with gradients off."""
+        return self._teacher_and_spec()[0]
+
+    def _teacher_and_spec(self) -> tuple[nn.Module, ModelSpec]:
         if self._teacher is None:
             assert self.recipe.teacher is not None
             cfg = self.recipe.teacher
@@ -128,7 +131,8 @@ class Pipeline:
                 )
             model.eval().requires_grad_(False)
             self._teacher = model.to(self.device)
-        return self._teacher
+        assert self._teacher_spec is not None
+        return self._teacher, self._teacher_spec
 
     def _measure(self, model: nn.Module, label: str) -> dict[str, Any]:
         """Facts and test accuracy of a model (rank 0 only)."""
@@ -236,7 +240,7 @@ class Pipeline:
             spec=spec,
             dist=self.dist,
             artifacts=dict(artifacts),
-            teacher_loader=self.teacher,
+            teacher_loader=self._teacher_and_spec,
         )
         t0 = time.perf_counter()
         state: dict[str, Any] = {"key": key, "type": cfg.type, "label": cfg.label}

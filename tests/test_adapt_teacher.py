@@ -62,3 +62,28 @@ def test_adapted_teacher_fits_the_data_and_teaches_the_later_stages(
     assert not torch.equal(
         teacher.state_dict()["linear.weight"].cpu(), original.state_dict()["linear.weight"]
     )
+
+
+def test_search_can_cut_its_candidates_from_the_adapted_teacher(
+    tmp_path, cifar_root, resnet20_weights
+):
+    recipe = _recipe(cifar_root, resnet20_weights)  # the student: an untrained ResNet-20
+    recipe["stages"] = [
+        {"type": "adapt_teacher", "epochs": 1, "lr": 0.02},
+        {
+            "type": "search",
+            "start_from": "teacher",
+            "updates": 1,
+            "rollouts": 2,
+            "candidate_steps": 0,  # candidates keep exactly what they inherit
+            "max_params": 250000,
+        },
+    ]
+    out = tmp_path / "run"
+    Pipeline(parse_recipe(recipe), out).run()
+    adapted, _ = load_model(out / "00-adapt_teacher" / "teacher.safetensors")
+    student, spec = load_model(out / "01-search" / "model.safetensors")
+    assert spec.name == "search:cifar_resnet20"
+    assert sum(p.numel() for p in student.parameters()) <= 250000
+    for name in ("conv1.weight", "linear.weight"):  # the stem and the head are never cut
+        assert torch.equal(student.state_dict()[name], adapted.state_dict()[name]), name

@@ -47,12 +47,17 @@ class StageContext:
     spec: ModelSpec
     dist: DistInfo
     artifacts: dict[str, str]
-    teacher_loader: Callable[[], nn.Module]
+    teacher_loader: Callable[[], tuple[nn.Module, ModelSpec]]
 
     @property
     def teacher(self) -> nn.Module:
         """The fixed teacher in eval mode with gradients off (built on first use)."""
-        return self.teacher_loader()
+        return self.teacher_loader()[0]
+
+    @property
+    def teacher_spec(self) -> ModelSpec:
+        """The spec that rebuilds the teacher's architecture."""
+        return self.teacher_loader()[1]
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """`search`: N2N-style structural search (Ashok et al. 2018) for a smaller student.
 
 A bidirectional LSTM keeps or removes each removable unit (a residual block, or a conv of a plain
-CNN), then an autoregressive LSTM picks a width scale for each kept unit's convs; both learn by REINFORCE from
-R = C(2 - C) * A_student / A_teacher. Candidates inherit the input model's weights and are
-fine-tuned briefly with KD on cached teacher logits; accuracy comes from the validation split.
+CNN), then an autoregressive LSTM picks a width scale for each kept unit's convs; both learn by
+REINFORCE from R = C(2 - C) * A_student / A_teacher. Candidates inherit the weights of the input
+model (or, with `start_from: teacher`, of the teacher, adapted or not) and are fine-tuned briefly
+with KD on cached teacher logits; accuracy comes from the validation split.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from compress.errors import InputError, StageFailed
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.io import atomic_path, read_json, write_json
 from compress.log import logger
-from compress.models import load_model, save_model
+from compress.models import ModelSpec, load_model, save_model
 from compress.recipe import _resolve_path
 from compress.search.budget import cost_bounds
 from compress.search.loop import HISTORY_FILE, POLICY_FILE, PolicySearch, SearchSettings
@@ -51,6 +52,11 @@ class SearchStage(StageConfig):
         "sequential",
         description="sequential: removal policy, then shrinkage on the best removal result "
         "(as in N2N); joint: both per rollout.",
+    )
+    start_from: Literal["model", "teacher"] = Field(
+        "model",
+        description="Candidates are cut from the current model, or from the teacher (after an "
+        "adapt_teacher stage, the adapted copy), as N2N derives its students from the teacher.",
     )
     strategy: Literal["policy_gradient", "random"] = Field(
         "policy_gradient", description="random: uniform actions over the same space (a baseline)."
@@ -150,9 +156,16 @@ def latency_ms(model: torch.nn.Module, input_size: tuple[int, int, int]) -> floa
 class CandidateEvaluator:
     """Builds, fine-tunes and scores one candidate; keeps the best one's weights on disk."""
 
-    def __init__(self, ctx: StageContext, cfg: SearchStage, units, teacher_val: float):
+    def __init__(
+        self,
+        ctx: StageContext,
+        cfg: SearchStage,
+        start: tuple[torch.nn.Module, ModelSpec],
+        units,
+        teacher_val: float,
+    ):
         self.ctx, self.cfg, self.units = ctx, cfg, units
-        self.start = ctx.model.cpu().eval()
+        self.start, self.start_spec = start[0].cpu().eval(), start[1]
         self.input_size = ctx.data.input_size
         self.teacher_val = teacher_val
         self.teacher_costs = self.costs(ctx.teacher)
@@ -238,7 +251,7 @@ class CandidateEvaluator:
         }
         if not violates and raw > self.best_reward:  # kept until `promote` sees every rank's
             self.best_reward = raw
-            spec = candidate_spec(ctx.spec, model, self.units, candidate, self.input_size)
+            spec = candidate_spec(self.start_spec, model, self.units, candidate, self.input_size)
             save_model(model.cpu(), spec, self._rank_best(ctx.dist.rank))
             write_json(
                 self._rank_best(ctx.dist.rank).with_suffix(".json"), {"key": candidate.key()}
@@ -290,9 +303,13 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
             f"stages[{ctx.index}] (search): candidates are scored on the validation split, "
             "which is empty; set data.val_fraction > 0 or add a val/ folder"
         )
-    units = find_units(ctx.model.cpu(), ctx.data.input_size, cfg.project_shape_changes)
+    if cfg.start_from == "teacher":  # a copy: the teacher stays on its device for the KD
+        start = copy.deepcopy(ctx.teacher).cpu().requires_grad_(True), ctx.teacher_spec
+    else:
+        start = ctx.model.cpu(), ctx.spec
+    units = find_units(start[0], ctx.data.input_size, cfg.project_shape_changes)
     teacher_val = evaluate(ctx.teacher, ctx.data.loader("val"), ctx.device, desc="teacher val")
-    evaluator = CandidateEvaluator(ctx, cfg, units, teacher_val["top1"])
+    evaluator = CandidateEvaluator(ctx, cfg, start, units, teacher_val["top1"])
     bounds = []
     if cfg.bound_actions:
         limits = {"params": cfg.max_params, "flops": cfg.max_flops}
