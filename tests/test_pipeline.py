@@ -153,3 +153,17 @@ def test_run_refuses_a_folder_it_did_not_make(tmp_path, small_recipe):
     result = run_cli("run", str(path), "--out", str(tmp_path / "mine"), "--fresh")
     assert result.returncode == 2 and "not a compress run" in result.stderr
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_each_run_log_holds_only_its_own_runs_lines(tmp_path):
+    from compress.log import logger, setup_logging
+
+    first, second = tmp_path / "a" / "run.log", tmp_path / "b" / "run.log"
+    first.parent.mkdir(), second.parent.mkdir()
+    setup_logging(first)
+    logger.info("first run's line")
+    setup_logging(second)  # the next run in the same process (as a benchmark script runs them)
+    logger.info("second run's line")
+    assert "second run's line" not in first.read_text()
+    assert "first run's line" in first.read_text()
+    assert "second run's line" in second.read_text()
