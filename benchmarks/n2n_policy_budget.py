@@ -106,7 +106,9 @@ def main() -> None:
     scales = SearchSettings().scales
     limits = {"params": total / 3}
     bounds = (
-        [] if args.free_actions else cost_bounds(model, units, scales, 8, limits, {"params": total})
+        []
+        if args.free_actions
+        else cost_bounds(model, units, scales, 8, limits, {"params": total}, (3, 32, 32))
     )
     results = []
     for budget in args.budgets:

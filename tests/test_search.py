@@ -4,12 +4,14 @@ policy gradient, resume, and a real search on CIFAR-10 with the pretrained ResNe
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 from torch import nn
 
 from compress.errors import InputError
+from compress.evaluation import count_flops
 from compress.io import read_json
 from compress.models import create_model, load_model, save_model
 from compress.search.budget import CostBound, cost_bounds, shrink_mask
@@ -438,7 +440,9 @@ def test_bounded_shrink_actions_keep_real_candidates_within_the_budget(strategy,
     total = _params(model)
     limit = 0.35 * total
     settings = SearchSettings(mode="joint", strategy=strategy, updates=2, rollouts=5, seed=0)
-    bounds = cost_bounds(model, units, settings.scales, 8, {"params": limit}, {"params": total})
+    bounds = cost_bounds(
+        model, units, settings.scales, 8, {"params": limit}, {"params": total}, SIZE
+    )
 
     def built_params(search_dir, bounds) -> list[int]:
         counts = []
@@ -457,18 +461,40 @@ def test_bounded_shrink_actions_keep_real_candidates_within_the_budget(strategy,
     assert max(bounded) > 0.8 * limit  # bounded, not simply shrunk to the minimum
 
 
+@pytest.mark.parametrize("name", ["cifar_resnet20", "timm:resnet26"])
+def test_bound_savings_match_built_candidates(name):
+    """Params and FLOPs of bounded candidates are known exactly before they are built."""
+    size = SIZE
+    model, _ = create_model(name, num_classes=10)
+    model.eval()
+    units = find_units(model, size)
+    scales = SearchSettings().scales
+    totals = {"params": _params(model), "flops": count_flops(model, size)}
+    bounds = cost_bounds(model, units, scales, 8, {"params": 1.0, "flops": 1.0}, totals, size)
+    rng = random.Random(0)
+    for _ in range(3):
+        actions = {u.name: rng.randrange(len(scales)) for u in units}
+        built = build_candidate(
+            model, units, Candidate.make([], {u: scales[a] for u, a in actions.items()}), size
+        )
+        actual = {"params": _params(built), "flops": count_flops(built, size)}
+        for bound, key in zip(bounds, ("params", "flops"), strict=True):
+            estimate = bound.total - sum(bound.saving(u, a) for u, a in actions.items())
+            assert estimate == pytest.approx(actual[key], rel=1e-9), key
+
+
 def test_shrink_mask_offers_the_largest_saving_when_the_budget_cannot_be_met():
     bound = CostBound(
         limit=50.0,
         total=100.0,
         unit_cost={"a": 40.0, "b": 40.0},
-        kept={"a": [0.25, 0.5, 1.0], "b": [0.25, 0.5, 1.0]},
+        savings={"a": [30.0, 20.0, 0.0], "b": [30.0, 20.0, 0.0]},
     )
     allowed = shrink_mask([bound], [], ["a", "b"], 3)
     # a at 1.0 leaves 100 - 30 (b at its smallest) = 70 > 50; at 0.5: 50; at 0.25: 40
     assert allowed([]).tolist() == [True, True, False]
     assert allowed([1]).tolist() == [True, False, False]  # 80 - 30 = 50 at b's 0.25 only
-    tight = CostBound(10.0, 100.0, {"a": 40.0}, {"a": [0.25, 0.5, 1.0]})
+    tight = CostBound(10.0, 100.0, {"a": 40.0}, {"a": [30.0, 20.0, 0.0]})
     assert shrink_mask([tight], [], ["a"], 3)([]).tolist() == [True, False, False]
 
 

@@ -1,8 +1,9 @@
 """Budget-feasible shrink actions (AMC's action bound): a width scale is offered only when the
-candidate can still meet the cost limit with every later unit at its smallest width. Costs are
-linear estimates from each unit's own count, so the built candidate is still measured and
-penalised when it violates; the estimate only keeps the policies from wasting candidates on
-architectures that cannot fit."""
+candidate can still meet the cost limit with every later unit at its smallest width. What shrinking
+a unit at each scale saves is measured on the model with that unit alone shrunk (once per distinct
+kept width); savings of different units add up exactly, as shrinkage keeps the residual stream's
+width. The built candidate is still measured and penalised if it violates (a removed unit is
+estimated by its own count, which a shape-fixing projection exceeds slightly)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.search.surgery import kept_channels
+from compress.evaluation import count_flops, count_params
+from compress.search.surgery import Candidate, build_candidate, kept_channels
 from compress.search.units import Unit, conv_path
 
 
@@ -21,14 +23,14 @@ class CostBound:
 
     limit: float
     total: float  # the input model's cost
-    unit_cost: dict[str, float]  # each unit's own cost at full width
-    kept: dict[str, list[float]]  # per unit, the width fraction each scale index keeps
+    unit_cost: dict[str, float]  # each unit's own cost at full width (what its removal saves)
+    savings: dict[str, list[float]]  # per unit, what shrinking it at each scale index saves
 
     def saving(self, unit: str, action: int) -> float:
-        return self.unit_cost.get(unit, 0.0) * (1.0 - self.kept[unit][action])
+        return self.savings.get(unit, [0.0] * (action + 1))[action]
 
     def max_saving(self, unit: str) -> float:
-        return self.unit_cost.get(unit, 0.0) * (1.0 - min(self.kept[unit]))
+        return max(self.savings.get(unit, [0.0]))
 
 
 def shrink_mask(
@@ -60,18 +62,32 @@ def cost_bounds(
     round_to: int,
     limits: dict[str, float | None],
     totals: dict[str, float],
+    input_size: tuple[int, int, int],
 ) -> list[CostBound]:
-    """One bound per set limit (`params`, `flops`: the units' features of those names), the
-    kept width of each scale rounded as the surgery rounds it."""
-    kept: dict[str, list[float]] = {}
+    """One bound per set limit (`params`, `flops`: the units' features of those names and the
+    costs `totals` gives for `model`), each unit's savings measured as the module docstring says."""
+    keys = [key for key, limit in limits.items() if limit is not None]
+    if not keys:
+        return []
+    measure = {"params": count_params, "flops": lambda m: count_flops(m, input_size)}
+    savings: dict[str, dict[str, list[float]]] = {key: {} for key in keys}
     for u in units:
         widths = [model.get_submodule(conv_path(u.name, c)).out_channels for c in u.shrinkable]
-        kept[u.name] = [
-            sum(kept_channels(w, s, round_to) / w for w in widths) / len(widths) if widths else 1.0
-            for s in scales
-        ]
+        measured: dict[tuple[int, ...], dict[str, float]] = {
+            tuple(widths): dict.fromkeys(keys, 0.0)
+        }
+        for scale in scales:
+            kept = tuple(kept_channels(w, scale, round_to) for w in widths)
+            if kept not in measured:
+                try:
+                    only = Candidate.make([], {u.name: scale})
+                    shrunk = build_candidate(model, units, only, input_size, round_to)
+                    measured[kept] = {key: totals[key] - measure[key](shrunk) for key in keys}
+                except (ValueError, RuntimeError):  # a cut the surgery refuses saves nothing
+                    measured[kept] = dict.fromkeys(keys, 0.0)
+            for key in keys:
+                savings[key].setdefault(u.name, []).append(measured[kept][key])
     return [
-        CostBound(limit, totals[key], {u.name: u.features[key] for u in units}, kept)
-        for key, limit in limits.items()
-        if limit is not None
+        CostBound(limits[key], totals[key], {u.name: u.features[key] for u in units}, savings[key])
+        for key in keys
     ]

@@ -314,7 +314,9 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
     if cfg.bound_actions:
         limits = {"params": cfg.max_params, "flops": cfg.max_flops}
         start = evaluator.costs(evaluator.start)
-        bounds = cost_bounds(evaluator.start, units, cfg.scales, cfg.round_to, limits, start)
+        bounds = cost_bounds(
+            evaluator.start, units, cfg.scales, cfg.round_to, limits, start, ctx.data.input_size
+        )
     try:
         search = PolicySearch(
             units,
