@@ -3,13 +3,16 @@
 The search's goal after its final `distill` stage: a student with at least 3x fewer parameters than
 cifar_resnet56 within 1.5 points of the teacher's test top-1, the teacher fine-tuned on the same
 training images with the same budget. This script takes a searched architecture (default: the
-first N2N seed's best candidate in results/n2n_cifar10.json), builds it with the teacher's weights
-as the search does, and in one run:
+first N2N seed's best candidate in results/n2n_cifar10.json) and in one run:
 1. fine-tunes the teacher with cross-entropy (the `train` stage) for `--epochs`: the reference,
    and the teacher of step 2 (the pretrained teacher is weaker on the JPEG images than either
    model becomes, so distilling from it caps the student);
-2. distils the student from that fine-tuned teacher with the same images, epochs and schedule;
-3. with `--pretrained-teacher`, also distils it from the pretrained teacher (the earlier recipe).
+2. cuts the student from that fine-tuned teacher's weights, as the n2n recipe's search does after
+   `adapt_teacher` (`--inherit pretrained`: from the pretrained teacher's), and distils it from
+   the fine-tuned teacher with the same images, epochs and schedule;
+3. as the student's weights have then seen twice the epochs, fine-tunes the teacher for twice as
+   many too; the gap is taken against the better of the two teachers;
+4. with `--pretrained-teacher`, also distils the student from the pretrained teacher.
 Data: the full train split (45,000 images after the validation carve-out; `--per-class` cuts it)
 with crop+flip, measured on the full test split (10,000 images).
 Last stdout line: one JSON object (`teacher_params`, `student_params`, `params_ratio`,
@@ -32,6 +35,7 @@ from compress.search.surgery import Candidate, build_candidate, candidate_spec
 from compress.search.units import find_units
 
 INPUT_SIZE = (3, 32, 32)
+RESNET56_PARAMS = 853_018
 
 
 def run_recipe(recipe: dict, out: Path) -> tuple[dict, float]:
@@ -51,19 +55,63 @@ def inherited_candidate(teacher: dict, candidate: dict, out: Path) -> Path:
     return save_model(student, candidate_spec(spec, student, units, chosen, INPUT_SIZE), out)
 
 
+def tune_teacher(base: dict, stage: dict, root: Path, epochs: int) -> tuple[dict, Path, float]:
+    """The teacher fine-tuned with cross-entropy (the `train` stage) for `epochs`."""
+    ce_stage = {k: v for k, v in stage.items() if k != "type"} | {"type": "train", "epochs": epochs}
+    folder = root / ("teacher-tuned" if epochs == stage["epochs"] else f"teacher-tuned-{epochs}ep")
+    report, wall = run_recipe(
+        {**base, "name": folder.name, "student": base["teacher"], "stages": [ce_stage]}, folder
+    )
+    return report, next(folder.glob("*-train")) / "model.safetensors", wall
+
+
+def searched_candidate(base: dict, tuned_file: Path, search: dict, root: Path) -> tuple[Path, dict]:
+    """Run the `search` stage from the fine-tuned teacher (start_from teacher, as the n2n recipe
+    does after `adapt_teacher`); its best candidate and the stage's metrics."""
+    stage = {"type": "search", "start_from": "teacher", **search}
+    teacher = {"model": str(tuned_file)}
+    report, wall = run_recipe(
+        {**base, "name": "search", "teacher": teacher, "stages": [stage]}, root / "search"
+    )
+    metrics = next(s for s in report["stages"] if s["type"] == "search")["metrics"]
+    return next((root / "search").glob("*-search")) / "model.safetensors", {
+        **metrics,
+        "wall_s": wall,
+    }
+
+
 def final_student(
-    base: dict, student_file: Path, stage: dict, root: Path, pretrained_teacher: bool = False
+    base: dict,
+    stage: dict,
+    root: Path,
+    candidate: dict | None = None,
+    search: dict | None = None,
+    inherit: str = "tuned",
+    reference_epochs: tuple[int, ...] = (),
+    pretrained_teacher: bool = False,
 ) -> dict:
     """Fine-tune the teacher (cross-entropy), then distil the student from it with `stage`.
 
-    `base` is a recipe without name, student and stages; `stage` a distill stage's fields.
+    `base` is a recipe without name, student and stages; `stage` a distill stage's fields. The
+    student is `candidate` (an architecture: removed blocks and scales) cut from the fine-tuned
+    teacher (`inherit="tuned"`, as the n2n recipe's search does after `adapt_teacher`) or from the
+    pretrained one, or the best candidate of a `search` stage (its fields) run from the fine-tuned
+    teacher. The teacher is also fine-tuned for each of `reference_epochs`; the gap is taken
+    against the best of those teachers.
     """
-    ce_stage = {k: v for k, v in stage.items() if k != "type"} | {"type": "train"}
-    tuned, tuned_wall = run_recipe(
-        {**base, "name": "teacher-tuned", "student": base["teacher"], "stages": [ce_stage]},
-        root / "teacher-tuned",
-    )
-    tuned_file = next((root / "teacher-tuned").glob("*-train")) / "model.safetensors"
+    tuned, tuned_file, tuned_wall = tune_teacher(base, stage, root, stage["epochs"])
+    result: dict = {"inherit": inherit}
+    if search is not None:
+        student_file, result["search"] = searched_candidate(base, tuned_file, search, root)
+        result["candidate"] = result["search"]["best_candidate"]
+    else:
+        assert candidate is not None
+        source = base["teacher"]
+        if inherit == "tuned":
+            source = {"model": str(tuned_file), "weights": str(tuned_file)}
+        student_file = root / f"candidate-{inherit}.safetensors"
+        inherited_candidate(source, candidate, student_file)
+        result["candidate"] = candidate
     student_recipe = {**base, "student": {"model": str(student_file)}, "stages": [stage]}
     report, wall = run_recipe(
         {**student_recipe, "name": "student", "teacher": {"model": str(tuned_file)}},
@@ -72,16 +120,22 @@ def final_student(
     pretrained = {x["name"]: x for x in tuned["models"]}["teacher"]
     teacher_top1 = tuned["models"][-1]["top1"]
     student = report["models"][-1]
-    result = {
+    result |= {
         "teacher_params": pretrained["params"],
         "student_params": student["params"],
         "params_ratio": pretrained["params"] / student["params"],
         "teacher_test_top1_pretrained": pretrained["top1"],
         "teacher_test_top1": teacher_top1,  # fine-tuned with the student's images and budget
         "student_test_top1": student["top1"],
-        "student_gap_points": teacher_top1 - student["top1"],
         "wall_s": {"teacher": tuned_wall, "student": wall},
     }
+    reference = teacher_top1
+    for epochs in reference_epochs:
+        other, _, other_wall = tune_teacher(base, stage, root, epochs)
+        result[f"teacher_test_top1_{epochs}_epochs"] = other["models"][-1]["top1"]
+        result["wall_s"][f"teacher_{epochs}_epochs"] = other_wall
+        reference = max(reference, other["models"][-1]["top1"])
+    result["student_gap_points"] = reference - student["top1"]
     if pretrained_teacher:
         report, wall = run_recipe(
             {**student_recipe, "name": "student-pretrained-teacher"},
@@ -100,6 +154,30 @@ def main() -> None:
         default=RESULTS / "n2n_cifar10.json",
         help="n2n_cifar10 results whose first N2N seed's best candidate is the student",
     )
+    p.add_argument(
+        "--search-mode",
+        choices=["sequential", "shrink", "removal", "joint"],
+        default=None,
+        help="instead: run the search stage in this mode from the fine-tuned teacher (on the "
+        "same data, scored on its validation split) and take its best candidate",
+    )
+    p.add_argument("--updates", type=int, default=6, help="search: policy updates per phase")
+    p.add_argument("--rollouts", type=int, default=4, help="search: candidates per update")
+    p.add_argument("--max-params", type=int, default=RESNET56_PARAMS // 3, help="search budget")
+    p.add_argument(
+        "--inherit",
+        choices=["tuned", "pretrained"],
+        default="tuned",
+        help="cut the student from the fine-tuned teacher (as the n2n recipe does) or the pretrained",
+    )
+    p.add_argument(
+        "--reference-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also fine-tune the teacher this long; the gap is taken against the best teacher",
+    )
+    p.add_argument("--name", default="n2n_final_student", help="results/NAME.json")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--per-class", type=int, default=None, help="train+val images per class")
@@ -111,11 +189,21 @@ def main() -> None:
     t_start = time.perf_counter()
     weights = require(SHARED / "weights" / "cifar_resnet") / "resnet56-4bfd9763.th"
     teacher = {"model": "cifar_resnet56", "weights": str(weights)}
-    search = json.loads(require(args.search_results).read_text())
-    candidate = search["n2n"][0]["best_candidate"]
+    candidate, search = None, None
+    if args.search_mode is None:
+        candidate = json.loads(require(args.search_results).read_text())["n2n"][0]["best_candidate"]
+    else:
+        search = {
+            "mode": args.search_mode,
+            "updates": args.updates,
+            "rollouts": args.rollouts,
+            "max_params": args.max_params,
+            "candidate_steps": 30,
+            "candidate_images": 5000,
+            "val_images": 1000,
+        }
     root = args.out or Path(tempfile.mkdtemp(prefix="n2n-final-"))
     root.mkdir(parents=True, exist_ok=True)
-    student_file = inherited_candidate(teacher, candidate, root / "inherited-candidate.safetensors")
     base = {
         "seed": args.seed,
         "data": {
@@ -134,13 +222,22 @@ def main() -> None:
             "per_class": args.per_class,
             "test_per_class": args.test_per_class,
             "seed": args.seed,
+            "inherit": args.inherit,
         },
-        "search_results": args.search_results.name,
-        "candidate": candidate,
-        **final_student(base, student_file, stage, root, args.pretrained_teacher),
+        "search_results": None if search else args.search_results.name,
+        **final_student(
+            base,
+            stage,
+            root,
+            candidate,
+            search,
+            args.inherit,
+            tuple(args.reference_epochs),
+            args.pretrained_teacher,
+        ),
     }
     result["total_wall_s"] = time.perf_counter() - t_start
-    save("n2n_final_student", result)
+    save(args.name, result)
 
 
 if __name__ == "__main__":
