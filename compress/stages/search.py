@@ -78,7 +78,8 @@ class SearchStage(StageConfig):
     bound_actions: bool = Field(
         True,
         description="Shrink actions that would leave a candidate over max_params or max_flops "
-        "(estimated from the units' own counts) are not sampled, as AMC bounds its actions; "
+        "(each unit's saving measured at each kept width) are not sampled, as AMC bounds its "
+        "actions; "
         "off: sampled freely and only penalised, as in N2N.",
     )
     penalty_anneal_updates: int = Field(
