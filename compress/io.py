@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -37,3 +39,23 @@ def write_json(path: Path | str, obj: Any) -> None:
 
 def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def content_digest(path: Path | str) -> str:
+    """SHA-256 of a file's bytes, read once per process while its size and mtime stay the same."""
+    st = Path(path).stat()
+    return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

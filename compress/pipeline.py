@@ -22,7 +22,7 @@ from torch import nn
 from compress.data import ImageFolderData
 from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
-from compress.io import read_json, write_json, write_text
+from compress.io import content_digest, read_json, write_json, write_text
 from compress.log import logger, setup_logging
 from compress.models import ModelSpec, create_model, load_model, save_model
 from compress.recipe import ModelConfig, Recipe
@@ -62,15 +62,14 @@ def seed_everything(seed: int) -> None:
 
 
 def model_identity(cfg: ModelConfig | None) -> Any:
-    """A model config plus the size and mtime of the files it reads, so a replaced file re-runs."""
+    """A model config plus the content hashes of the files it reads: a replaced file re-runs, a
+    copied, touched or remounted one does not."""
     if cfg is None:
         return None
-    stamps = [
-        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in (cfg.weights, Path(cfg.model))
-        if p is not None and p.is_file()
+    hashes = [
+        content_digest(p) for p in (cfg.weights, Path(cfg.model)) if p is not None and p.is_file()
     ]
-    return [cfg.model_dump(mode="json"), stamps]
+    return [cfg.model_dump(mode="json"), hashes]
 
 
 def model_facts(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:

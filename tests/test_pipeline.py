@@ -167,3 +167,28 @@ def test_each_run_log_holds_only_its_own_runs_lines(tmp_path):
     assert "second run's line" not in first.read_text()
     assert "first run's line" in first.read_text()
     assert "second run's line" in second.read_text()
+
+
+def test_run_keys_follow_file_contents_not_timestamps(tmp_path, small_recipe, resnet56_weights):
+    import shutil
+
+    import torch
+
+    weights = tmp_path / "teacher.th"
+    shutil.copy(resnet56_weights, weights)
+    small_recipe["teacher"]["weights"] = str(weights)
+    small_recipe["stages"] = small_recipe["stages"][:1]  # eval only: a few seconds
+    path = write_recipe(tmp_path / "r.yaml", small_recipe)
+    out = tmp_path / "out"
+    assert run_cli("run", str(path), "--out", str(out)).returncode == 0
+
+    os.utime(weights, (1_000_000, 1_000_000))  # a copy or a remount: same bytes, new mtime
+    result = run_cli("run", str(path), "--out", str(out))
+    assert "[0] eval-initial: done earlier, skipped" in result.stdout, result.stdout
+
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"]["module.linear.bias"] += 1.0  # a replaced file: new bytes
+    torch.save(checkpoint, weights)
+    result = run_cli("run", str(path), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "skipped" not in result.stdout and "teacher: measuring" in result.stdout + result.stderr

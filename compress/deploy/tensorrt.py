@@ -10,7 +10,6 @@ from an FP16 ONNX model converted with ModelOpt AutoCast (I/O kept in FP32).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from compress.deploy.bench import BenchSettings, check_model_file, input_shape_for, timed_runs
 from compress.deploy.trtexec import check_precision
 from compress.errors import InputError, StageFailed
-from compress.io import atomic_path, read_json, write_json
+from compress.io import atomic_path, file_sha256, read_json, write_json
 
 STILL_WORKS = (
     "Still available without it: export format onnx; bench backends onnxruntime (CPU) and ssh "
@@ -89,14 +88,6 @@ def fp16_onnx(onnx_path: Path, out_path: Path) -> Path:
     )
     onnx.save(model, str(out_path))
     return out_path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _parse(trt, network, logger, onnx_path: Path) -> None:
