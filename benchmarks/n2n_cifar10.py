@@ -12,11 +12,11 @@ In one run and at the same candidate budget (`--updates` x `--rollouts` per phas
   against that candidate's own brief fine-tuning: test top-1 and images processed;
 - the same architecture with the teacher's weights fine-tuned for `--budget-steps` steps (the
   default's longest is 10x fewer images than those 5 epochs of the original);
-- the teacher fine-tuned with cross-entropy for `--final-epochs` (crop+flip) on the same images,
-  the reference, and the best N2N architecture (first seed) cut from that fine-tuned teacher and
-  distilled from it with the same stage, both measured on the test split (against the better of
-  that teacher and one fine-tuned twice as long; `benchmarks/n2n_final_student.py` runs this part
-  alone on the full train split).
+- the teacher fine-tuned with cross-entropy for `--final-epochs` (crop+flip) on the full train
+  split (`--final-per-class` cuts it), the reference, and the best N2N architecture (first seed)
+  cut from that fine-tuned teacher and distilled from it with the same stage, both measured on the
+  full test split (`--final-test-per-class` cuts it); `benchmarks/n2n_final_student.py` runs this
+  part alone, with the same recipes (a shared `--out` folder reuses its runs).
 Deviation from the original's candidate training: the loss is this project's KD loss (T 4,
 alpha 0.9) rather than an MSE on logits, and the schedule is cosine rather than constant.
 Last stdout line: one JSON object.
@@ -84,8 +84,23 @@ def main() -> None:
     p.add_argument("--candidate-images", type=int, default=5000)
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--max-params", type=int, default=RESNET56_PARAMS // 3)
+    p.add_argument(
+        "--mode",
+        choices=["sequential", "shrink", "joint"],
+        default="sequential",
+        help="the search stage's mode for both strategies",
+    )
+    p.add_argument(
+        "--strategies-only",
+        action="store_true",
+        help="stop after N2N against random search (results/n2n_cifar10_strategies_MODE_UxR.json)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--final-epochs", type=int, default=8)
+    p.add_argument(
+        "--final-per-class", type=int, default=None, help="final part: train+val images per class"
+    )
+    p.add_argument("--final-test-per-class", type=int, default=None)
     p.add_argument(
         "--reinit-updates",
         type=int,
@@ -121,6 +136,7 @@ def main() -> None:
         "candidate_images": args.candidate_images,
         "val_images": args.val_images,
         "max_params": args.max_params,
+        "mode": args.mode,
     }
     final = {"type": "distill", "epochs": args.final_epochs, "lr": 0.02, "warmup_epochs": 0.5}
 
@@ -166,6 +182,19 @@ def main() -> None:
             runs[strategy].append(row)
             print(strategy, json.dumps(row), flush=True)
     n2n, rnd = runs["policy_gradient"], runs["random"]
+    comparison = {
+        "n2n": n2n,
+        "random": rnd,
+        "n2n_best_reward": max(rewards(n2n)),
+        "random_best_reward": max(rewards(rnd)),
+        "n2n_mean_best_reward": sum(rewards(n2n)) / len(n2n),
+        "random_mean_best_reward": sum(rewards(rnd)) / len(rnd),
+    }
+    if args.strategies_only:
+        name = f"n2n_cifar10_strategies_{args.mode}_{args.updates}x{args.rollouts}"
+        budget = {k: search[k] for k in ("mode", "updates", "rollouts", "max_params")}
+        save(name, {"budget": {**budget, "seeds": args.seeds}, **comparison})
+        return
     seed = args.seeds[0]
     best_file = next((root / f"policy_gradient-{seed}").glob("*-search")) / "model.safetensors"
 
@@ -259,7 +288,12 @@ def main() -> None:
     # The teacher fine-tuned on the final stage's images and budget, the best architecture cut
     # from it and distilled from it with the same stage
     base = {k: v for k, v in recipe("final", seed, [final]).items() if k not in ("name", "stages")}
-    base["data"] = {**base["data"], "augment": "crop_flip"}
+    base["data"] = {
+        **base["data"],
+        "limit_per_class": args.final_per_class,
+        "test_limit_per_class": args.final_test_per_class,
+        "augment": "crop_flip",
+    }
     final_row = final_student(base, final, root / "final", n2n[0]["best_candidate"])
     stage_json = json.loads(
         (next((root / f"policy_gradient-{seed}").glob("*-search")) / "stage.json").read_text()
@@ -278,18 +312,16 @@ def main() -> None:
                 "candidate_images",
                 "val_images",
                 "max_params",
+                "mode",
                 "seeds",
                 "final_epochs",
+                "final_per_class",
+                "final_test_per_class",
                 "paper_epochs",
                 "reinit_updates",
             )
         },
-        "n2n": n2n,
-        "random": rnd,
-        "n2n_best_reward": max(rewards(n2n)),
-        "random_best_reward": max(rewards(rnd)),
-        "n2n_mean_best_reward": sum(rewards(n2n)) / len(n2n),
-        "random_mean_best_reward": sum(rewards(rnd)) / len(rnd),
+        **comparison,
         **{k: v for k, v in final_row.items() if k != "wall_s"},
         "final_wall_s": final_row["wall_s"],
         "inherited_vs_reinit": {

@@ -4,9 +4,9 @@ About 2.5 minutes on 2 CPU cores (shared with another job) at the defaults (16 s
 6x4, 15x5 and 30x5).
 
 The real search (benchmarks/n2n_cifar10.py) pays seconds per candidate; this one runs the real
-`PolicySearch` (both policies, the sequential removal-then-shrink phases, the parameter budget, its
-penalty and the bounded shrink actions; `--free-actions` drops the bound) over the real units of
-cifar_resnet56, but scores a candidate with a synthetic accuracy instead of fine-tuning it, so
+`PolicySearch` (both policies, the sequential removal-then-shrink phases or those of `--mode`, the
+parameter budget, its penalty and the bounded shrink actions; `--free-actions` drops the bound)
+over the real units of cifar_resnet56, but scores a candidate with a synthetic accuracy instead of fine-tuning it, so
 policy gradient and random search can be compared over many seeds and budgets. The synthetic
 accuracy, per seed: each block costs a random 0.4-3 points when removed (1.5x in the last stage),
 each kept block a random 0-5 points x (1 - scale)^1.5 when shrunk, removing more than 10 blocks
@@ -14,8 +14,8 @@ costs 0.4 points per extra block, plus Gaussian noise of 1.2 points (the spread 
 validation score); the reward is N2N's on the units' real parameter counts, under a budget of a
 third of the teacher's parameters. Only the trend is meant to carry over: which budget (updates x
 rollouts per phase) the policy needs before it pays. Last stdout line: one JSON object (per budget,
-each strategy's mean best reward over the seeds, its standard error, and the ratio policy /
-random).
+each strategy's mean best reward over the seeds, its standard error, the ratio policy / random,
+and the mean paired difference policy - random with its standard error).
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ def best_reward(
     units: list[Unit],
     total: float,
     bounds: list[CostBound],
+    mode: str = "sequential",
 ) -> float:
     settings = SearchSettings(
-        mode="sequential", strategy=strategy, updates=updates, rollouts=rollouts, seed=seed
+        mode=mode, strategy=strategy, updates=updates, rollouts=rollouts, seed=seed
     )
     with tempfile.TemporaryDirectory() as tmp:
         best = PolicySearch(
@@ -93,6 +94,12 @@ def main() -> None:
         "--budgets", nargs="+", default=["6x4", "15x5", "30x5"], help="updates x rollouts per phase"
     )
     p.add_argument("--seeds", type=int, default=16)
+    p.add_argument(
+        "--mode",
+        choices=["sequential", "shrink", "joint"],
+        default="sequential",
+        help="the search stage's mode (updates x rollouts are per phase)",
+    )
     p.add_argument(
         "--free-actions",
         action="store_true",
@@ -113,23 +120,40 @@ def main() -> None:
     results = []
     for budget in args.budgets:
         updates, rollouts = (int(v) for v in budget.split("x"))
-        row = {"updates": updates, "rollouts": rollouts, "candidates": 2 * updates * rollouts}
+        phases = 2 if args.mode == "sequential" else 1
+        row = {"updates": updates, "rollouts": rollouts, "candidates": phases * updates * rollouts}
+        best = {}
         for strategy in ("policy_gradient", "random"):
-            best = [
-                best_reward(strategy, s, updates, rollouts, units, total, bounds)
+            best[strategy] = [
+                best_reward(strategy, s, updates, rollouts, units, total, bounds, args.mode)
                 for s in range(args.seeds)
             ]
             row[strategy] = {
-                "mean_best_reward": statistics.mean(best),
-                "stderr": statistics.stdev(best) / len(best) ** 0.5,
+                "mean_best_reward": statistics.mean(best[strategy]),
+                "stderr": statistics.stdev(best[strategy]) / args.seeds**0.5,
             }
+        # both strategies meet the same synthetic world per seed: the paired difference is sharper
+        diff = [a - b for a, b in zip(best["policy_gradient"], best["random"], strict=True)]
+        row["policy_minus_random"] = {
+            "mean": statistics.mean(diff),
+            "stderr": statistics.stdev(diff) / args.seeds**0.5,
+        }
         row["policy_vs_random"] = (
             row["policy_gradient"]["mean_best_reward"] / row["random"]["mean_best_reward"]
         )
         print(row, flush=True)
         results.append(row)
     name = "n2n_policy_budget" + ("_free_actions" if args.free_actions else "")
-    save(name, {"seeds": args.seeds, "bound_actions": not args.free_actions, "budgets": results})
+    name += "" if args.mode == "sequential" else f"_{args.mode}"
+    save(
+        name,
+        {
+            "seeds": args.seeds,
+            "mode": args.mode,
+            "bound_actions": not args.free_actions,
+            "budgets": results,
+        },
+    )
 
 
 if __name__ == "__main__":
