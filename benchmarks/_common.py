@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,3 +26,11 @@ def save(name: str, result: dict) -> None:
 
     write_json(RESULTS / f"{name}.json", result)
     print(json.dumps(result))
+
+
+def add_search_mode(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--mode`: one of the search stage's modes, as its recipe schema lists them."""
+    from compress.stages.search import SearchStage
+
+    modes = typing.get_args(SearchStage.model_fields["mode"].annotation)
+    parser.add_argument("--mode", choices=modes, default="sequential", help=help)

@@ -16,7 +16,7 @@ In one run and at the same candidate budget (`--updates` x `--rollouts` per phas
   split (`--final-per-class` cuts it), the reference, and the best N2N architecture (first seed)
   cut from that fine-tuned teacher and distilled from it with the same stage, both measured on the
   full test split (`--final-test-per-class` cuts it); `benchmarks/n2n_final_student.py` runs this
-  part alone, with the same recipes (a shared `--out` folder reuses its runs).
+  part alone, with the same recipes.
 Deviation from the original's candidate training: the loss is this project's KD loss (T 4,
 alpha 0.9) rather than an MSE on logits, and the schedule is cosine rather than constant.
 Last stdout line: one JSON object.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import SHARED, require, save
+from benchmarks._common import SHARED, add_search_mode, require, save
 from benchmarks.n2n_final_student import (
     RESNET56_PARAMS,
     final_student,
@@ -84,12 +84,7 @@ def main() -> None:
     p.add_argument("--candidate-images", type=int, default=5000)
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--max-params", type=int, default=RESNET56_PARAMS // 3)
-    p.add_argument(
-        "--mode",
-        choices=["sequential", "shrink", "joint"],
-        default="sequential",
-        help="the search stage's mode for both strategies",
-    )
+    add_search_mode(p, "the search stage's mode for both strategies")
     p.add_argument(
         "--strategies-only",
         action="store_true",

@@ -27,8 +27,9 @@ import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from benchmarks._common import save
+from benchmarks._common import add_search_mode, save
 from compress.models import create_model
 from compress.search.budget import CostBound, cost_bounds
 from compress.search.loop import PolicySearch, SearchSettings
@@ -76,10 +77,11 @@ def best_reward(
     units: list[Unit],
     total: float,
     bounds: list[CostBound],
-    mode: str = "sequential",
+    **settings_fields: Any,
 ) -> float:
+    """The best reward of one search; `settings_fields` are further `SearchSettings` fields."""
     settings = SearchSettings(
-        mode=mode, strategy=strategy, updates=updates, rollouts=rollouts, seed=seed
+        strategy=strategy, updates=updates, rollouts=rollouts, seed=seed, **settings_fields
     )
     with tempfile.TemporaryDirectory() as tmp:
         best = PolicySearch(
@@ -94,12 +96,10 @@ def main() -> None:
         "--budgets", nargs="+", default=["6x4", "15x5", "30x5"], help="updates x rollouts per phase"
     )
     p.add_argument("--seeds", type=int, default=16)
-    p.add_argument(
-        "--mode",
-        choices=["sequential", "shrink", "joint"],
-        default="sequential",
-        help="the search stage's mode (updates x rollouts are per phase)",
-    )
+    add_search_mode(p, "the search stage's mode (updates x rollouts are per phase)")
+    p.add_argument("--policy-lr", type=float, default=SearchSettings.policy_lr)
+    p.add_argument("--entropy-weight", type=float, default=SearchSettings.entropy_weight)
+    p.add_argument("--name", default=None, help="results/NAME.json (default from the flags)")
     p.add_argument(
         "--free-actions",
         action="store_true",
@@ -117,6 +117,11 @@ def main() -> None:
         if args.free_actions
         else cost_bounds(model, units, scales, 8, limits, {"params": total}, (3, 32, 32))
     )
+    policy = {
+        "mode": args.mode,
+        "policy_lr": args.policy_lr,
+        "entropy_weight": args.entropy_weight,
+    }
     results = []
     for budget in args.budgets:
         updates, rollouts = (int(v) for v in budget.split("x"))
@@ -125,7 +130,7 @@ def main() -> None:
         best = {}
         for strategy in ("policy_gradient", "random"):
             best[strategy] = [
-                best_reward(strategy, s, updates, rollouts, units, total, bounds, args.mode)
+                best_reward(strategy, s, updates, rollouts, units, total, bounds, **policy)
                 for s in range(args.seeds)
             ]
             row[strategy] = {
@@ -146,10 +151,10 @@ def main() -> None:
     name = "n2n_policy_budget" + ("_free_actions" if args.free_actions else "")
     name += "" if args.mode == "sequential" else f"_{args.mode}"
     save(
-        name,
+        args.name or name,
         {
             "seeds": args.seeds,
-            "mode": args.mode,
+            **policy,
             "bound_actions": not args.free_actions,
             "budgets": results,
         },

@@ -62,8 +62,8 @@ def seed_everything(seed: int) -> None:
 
 
 def model_identity(cfg: ModelConfig | None) -> Any:
-    """A model config plus the content hashes of the files it reads: a replaced file re-runs, a
-    copied, touched or remounted one does not."""
+    """A model config plus the content hashes of the files it reads: a replaced file re-runs, one
+    touched, remounted or copied over with the same bytes does not."""
     if cfg is None:
         return None
     hashes = [
