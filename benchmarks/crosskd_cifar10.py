@@ -19,12 +19,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 from benchmarks._common import REPO, SHARED, require, save
 from compress.io import read_json
 from compress.pipeline import Pipeline
 from compress.recipe import parse_recipe
+from compress.report import environment
 
 TEACHER_RECIPE = REPO / "recipes" / "vit_teacher_cifar10.yaml"
 SCALEKD = {"type": "distill", "method": "scalekd", "teacher_taps": [-2, "norm"]}  # the paper's
@@ -62,6 +64,9 @@ def main() -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="the student rows' seed (the teacher keeps seed 0)"
     )
+    p.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader workers (a GPU host wants a few)"
+    )
     p.add_argument("--results-name", default="crosskd_cifar10", help="results/NAME.json")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here; a rerun resumes")
     args = p.parse_args()
@@ -71,6 +76,7 @@ def main() -> None:
         "test_limit_per_class": args.test_per_class,
         "augment": "crop_flip",
         "batch_size": 128,
+        "num_workers": args.num_workers,
     }
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.out or Path(scratch)
@@ -122,6 +128,9 @@ def main() -> None:
             "teacher_train_images_per_s": teacher_metrics["images_per_s"],
             "teacher": {**shipped["student"], "epochs": args.teacher_epochs},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "environment": environment(
+                torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            ),
             "teacher_wall_s": teacher_metrics["wall_s"],
             "teacher_train_time_s": teacher_metrics.get("train_time_s"),  # across resumes
             "wall_s": teacher_metrics["wall_s"] + sum(r["wall_s"] for r in rows),

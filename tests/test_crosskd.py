@@ -114,6 +114,15 @@ def test_frequency_view_removes_exactly_the_direct_component():
     assert torch.allclose(remove_direct_component(x), x - x.mean((2, 3), keepdim=True), atol=1e-5)
 
 
+def test_frequency_view_stays_exact_under_bf16_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8) + 5.0  # a large direct component, as real feature maps have
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        removed = remove_direct_component(x)
+    assert removed.dtype == torch.float32
+    assert torch.allclose(removed, x - x.mean((2, 3), keepdim=True), atol=1e-5)
+
+
 def test_tpp_keeps_the_teacher_fixed_and_trains_the_student_through_it():
     t, s = _models("timm:vit_tiny_patch16_224", {**VIT32, "depth": 4}, "cifar_resnet20")
     before = {k: v.clone() for k, v in t.state_dict().items()}

@@ -38,10 +38,14 @@ def idct2(c: torch.Tensor) -> torch.Tensor:
 
 
 def remove_direct_component(x: torch.Tensor) -> torch.Tensor:
-    """`x` with its DCT (0, 0) coefficient set to zero and every other coefficient kept."""
-    c = dct2(x)
-    c[..., 0, 0] = 0
-    return idct2(c)
+    """`x` with its DCT (0, 0) coefficient set to zero and every other coefficient kept.
+
+    Computed in float32 even under autocast: bf16 transforms would leave part of the direct
+    component behind."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        c = dct2(x.float())
+        c[..., 0, 0] = 0
+        return idct2(c)
 
 
 def spatial_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
