@@ -1,7 +1,8 @@
 """Cross-architecture distillation on CIFAR-10: a ViT teacher into a CNN student.
 
 The teacher is the ViT of recipes/vit_teacher_cifar10.yaml (architecture and optimiser from that
-file), trained here for `--teacher-epochs` on `--teacher-per-class` images per class. Every
+file), trained here for `--teacher-epochs` on `--teacher-per-class` images per class, or any model
+file saved by compress given as `--teacher` (e.g. that ViT trained once on a GPU). Every
 student row then trains cifar_resnet20 from scratch with the same data (`--per-class`, crop+flip),
 epochs, learning rate and seed:
 - no_kd: cross-entropy only (the train stage);
@@ -41,18 +42,50 @@ ROWS = {
 }
 
 
-def run_recipe(recipe: dict, out: Path) -> tuple[dict, dict]:
-    """The last model's report entry and its stage's metrics, with the stage's `wall_s` (kept
-    across resumed runs)."""
+def run_recipe(recipe: dict, out: Path) -> tuple[dict, dict, dict]:
+    """The last model's report entry, its stage's metrics with the stage's `wall_s` (kept across
+    resumed runs), and the teacher's report entry."""
     report = Pipeline(parse_recipe(recipe), out).run()
     stage_dir = sorted(p for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())[-1]
     state = read_json(stage_dir / "stage.json")
-    return report["models"][-1], {**state["metrics"], "wall_s": state["wall_time_s"]}
+    models = {m["name"]: m for m in report["models"]}
+    return (
+        report["models"][-1],
+        {**state["metrics"], "wall_s": state["wall_time_s"]},
+        models.get("teacher", {}),
+    )
+
+
+def train_teacher(shipped: dict, data: dict, args: argparse.Namespace, out: Path):
+    """Train the shipped ViT recipe's model; its file and a summary of how it was trained."""
+    train = {**shipped["stages"][0], "epochs": args.teacher_epochs}
+    recipe = {
+        "name": "vit-teacher",
+        "data": {**data, "limit_per_class": args.teacher_per_class},
+        "student": shipped["student"],
+        "stages": [train],
+    }
+    model, metrics, _ = run_recipe(recipe, out)
+    print(
+        f"teacher: test top-1 {model['top1']:.2f}, {metrics['images_per_s']:.0f} train images/s",
+        flush=True,
+    )
+    info = {
+        **shipped["student"],
+        "epochs": args.teacher_epochs,
+        "train_images_per_s": metrics["images_per_s"],
+        "wall_s": metrics["wall_s"],
+        "train_time_s": metrics.get("train_time_s"),  # across resumes
+    }
+    return out / "00-train" / "model.safetensors", info
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument(
+        "--teacher", type=Path, default=None, help="a trained teacher file (skips training one)"
+    )
     p.add_argument("--teacher-per-class", type=int, default=None, help="default: all")
     p.add_argument("--per-class", type=int, default=1000, help="student train images per class")
     p.add_argument("--test-per-class", type=int, default=1000)
@@ -80,26 +113,14 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.out or Path(scratch)
-        train = {**shipped["stages"][0], "epochs": args.teacher_epochs}
-        teacher, teacher_metrics = run_recipe(
-            {
-                "name": "vit-teacher",
-                "data": {**data, "limit_per_class": args.teacher_per_class},
-                "student": shipped["student"],
-                "stages": [train],
-            },
-            tmp / "teacher",
-        )
-        print(
-            f"teacher: test top-1 {teacher['top1']:.2f}, "
-            f"{teacher_metrics['images_per_s']:.0f} train images/s",
-            flush=True,
-        )
+        teacher_file, teacher_info = args.teacher, None
+        if teacher_file is None:
+            teacher_file, teacher_info = train_teacher(shipped, data, args, tmp / "teacher")
         base = {
             "name": "crosskd",
             "seed": args.seed,
             "data": {**data, "limit_per_class": args.per_class},
-            "teacher": {"model": str(tmp / "teacher" / "00-train" / "model.safetensors")},
+            "teacher": {"model": str(teacher_file)},
             "student": "cifar_resnet20",
         }
         budget = {"epochs": args.epochs, "lr": args.lr, "warmup_epochs": 1}
@@ -107,7 +128,7 @@ def main() -> None:
         rows = []
         for method in args.rows:
             stage = {**ROWS[method], **budget, **(kd if method != "no_kd" else {})}
-            model, metrics = run_recipe({**base, "stages": [stage]}, tmp / method)
+            model, metrics, teacher = run_recipe({**base, "stages": [stage]}, tmp / method)
             rows.append(
                 {
                     "method": method,
@@ -125,15 +146,12 @@ def main() -> None:
         args.results_name,
         {
             "teacher_test_top1": teacher["top1"],
-            "teacher_train_images_per_s": teacher_metrics["images_per_s"],
-            "teacher": {**shipped["student"], "epochs": args.teacher_epochs},
+            "teacher": teacher_info or {"file": str(teacher_file)},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "environment": environment(
                 torch.device("cuda" if torch.cuda.is_available() else "cpu")
             ),
-            "teacher_wall_s": teacher_metrics["wall_s"],
-            "teacher_train_time_s": teacher_metrics.get("train_time_s"),  # across resumes
-            "wall_s": teacher_metrics["wall_s"] + sum(r["wall_s"] for r in rows),
+            "wall_s": sum(r["wall_s"] for r in rows) + (teacher_info or {}).get("wall_s", 0),
             "rows": rows,
         },
     )
