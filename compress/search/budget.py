@@ -14,7 +14,7 @@ import torch
 
 from compress.evaluation import count_flops, count_params
 from compress.search.surgery import Candidate, build_candidate, kept_channels
-from compress.search.units import Unit, conv_path
+from compress.search.units import Unit, conv_path, out_width
 
 
 @dataclass
@@ -72,12 +72,12 @@ def cost_bounds(
     measure = {"params": count_params, "flops": lambda m: count_flops(m, input_size)}
     savings: dict[str, dict[str, list[float]]] = {key: {} for key in keys}
     for u in units:
-        widths = [model.get_submodule(conv_path(u.name, c)).out_channels for c in u.shrinkable]
+        widths = [out_width(model.get_submodule(conv_path(u.name, c))) for c in u.shrinkable]
         measured: dict[tuple[int, ...], dict[str, float]] = {
             tuple(widths): dict.fromkeys(keys, 0.0)
         }
         for scale in scales:
-            kept = tuple(kept_channels(w, scale, round_to) for w in widths)
+            kept = tuple(kept_channels(w, scale, u.width_multiple(round_to)) for w in widths)
             if kept not in measured:
                 try:
                     only = Candidate.make([], {u.name: scale})

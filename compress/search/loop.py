@@ -343,3 +343,28 @@ class PolicySearch:
         ok = [r for r in self.records.values() if r.get("reward_raw") is not None]
         ok = [r for r in ok if not r["violates"]]
         return max(ok, key=lambda r: r["reward_raw"]) if ok else None
+
+    def why_no_best(self) -> str:
+        """Why `best()` is None, in a sentence: nothing to act on, the first candidate that could
+        not be built or run (its error), or every valid candidate over the budgets."""
+        records = list(self.records.values())
+        text = f"no candidate within the budgets among {len(records)} evaluated"
+        if not records:
+            removable = sum(u.removable for u in self.units)
+            shrinkable = sum(bool(u.shrinkable) for u in self.units)
+            return (
+                f"{text}: the {self.s.mode} search had no unit to act on ({len(self.units)} "
+                f"units, {removable} removable, {shrinkable} shrinkable)"
+            )
+        failed = [r for r in records if r.get("reward_raw") is None]
+        if failed:
+            text += (
+                f"; {len(failed)} failed, the first ({failed[0]['key']}) with: "
+                f"{failed[0].get('error', 'no error recorded')}"
+            )
+        if len(failed) < len(records):
+            text += (
+                f"; {len(records) - len(failed)} over the budgets: raise the budgets or the "
+                "number of updates"
+            )
+        return text

@@ -1,8 +1,8 @@
 """Candidate surgery: removed units become identities (a shape-changing block its shortcut path;
 a plain conv whose channels change leaves the next layer's inputs resized), kept units' convs lose
 their least important output channels (Torch-Pruning's dependency graph keeps BatchNorm, the next
-conv and depthwise groups consistent). The result is a real, smaller module with the teacher's
-weights."""
+conv and depthwise groups consistent; a grouped conv they feed loses whole groups). The result is
+a real, smaller module with the teacher's weights."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 from compress.models.registry import ModelSpec, build_model
 from compress.search.units import (
     Unit,
+    block_channels,
     block_kind,
     channel_roles,
     conv_path,
@@ -24,6 +25,8 @@ from compress.search.units import (
     dependency_graph,
     followers,
     next_input,
+    out_width,
+    prune_out_fn,
     shortcut_path,
 )
 
@@ -65,13 +68,15 @@ def shrink(
     input_size: tuple[int, int, int],
     by_importance: bool = True,
 ) -> None:
-    """Cut output channels to `targets[unit][conv]` (conv paths relative to their unit, "" for a
-    plain conv unit itself), in place.
+    """Cut output channels (of a conv or a Linear layer) to `targets[unit][conv]` (paths relative
+    to their unit, "" for a plain conv unit itself), in place.
 
     `by_importance` keeps the channels with the largest group L2 magnitude; otherwise the first
     ones (used to rebuild a saved architecture before its weights are loaded). A block's conv whose
     channels are coupled to anything outside its own block (the residual stream) is refused; a
-    plain conv may take its BatchNorm and the next layer's inputs along, nothing else.
+    plain conv may take its BatchNorm and the next layer's inputs along, nothing else. Channels
+    that feed a grouped conv go by whole groups (the grouped conv keeps its group width and loses
+    those groups' outputs too); a count that is not a multiple of the group width is refused.
     """
     import torch_pruning as tp
 
@@ -79,31 +84,92 @@ def shrink(
         (unit, conv_path(unit, conv)): kept
         for unit, convs in targets.items()
         for conv, kept in convs.items()
-        if kept < model.get_submodule(conv_path(unit, conv)).out_channels
+        if kept < out_width(model.get_submodule(conv_path(unit, conv)))
     }
     if not todo:
         return
     graph = dependency_graph(model, input_size)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     for (unit, name), kept in todo.items():
-        conv = model.get_submodule(name)
-        n = conv.out_channels
-        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n)))
-        roles = channel_roles(model, graph, group)
-        if name == unit:  # a plain conv
-            beyond = roles["other"]
-        else:
-            beyond = {m for r in roles.values() for m in r if not m.startswith(unit + ".")}
-        if beyond:
+        layer = model.get_submodule(name)
+        n = out_width(layer)
+        group = graph.get_pruning_group(layer, prune_out_fn(layer), idxs=list(range(n)))
+        _check_within(model, graph, group, unit, name)
+        grouped = _grouped_reader(graph, group)
+        size = grouped.in_channels // grouped.groups if grouped is not None else 1
+        if kept % size:
             raise ValueError(
-                f"shrinking {name} would also change {sorted(beyond)[0]}: "
-                "its channels are shared beyond its block"
+                f"shrinking {name} to {kept} channels would split a group of the grouped conv "
+                f"it feeds (group width {size})"
             )
         if by_importance:
-            drop = importance(group).argsort()[: n - kept].tolist()
+            scores = importance(group).view(-1, size).sum(dim=1)
+            cut = scores.argsort()[: (n - kept) // size].tolist()
         else:
-            drop = list(range(kept, n))
-        graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=sorted(drop)).prune()
+            cut = list(range(kept // size, n // size))
+        drop = sorted(g * size + i for g in cut for i in range(size))
+        if grouped is None:
+            graph.get_pruning_group(layer, prune_out_fn(layer), idxs=drop).prune()
+        else:
+            _cut_groups(model, graph, layer, grouped, sorted(cut), unit, name)
+
+
+def _check_within(model: nn.Module, graph, group, unit: str, name: str) -> None:
+    """Refuse a cut (`group`) whose channels reach beyond `unit` (for a plain conv unit: beyond
+    its BatchNorm and the next layer's inputs)."""
+    roles = channel_roles(model, graph, group)
+    if name == unit:  # a plain conv
+        beyond = roles["other"]
+    else:
+        beyond = {m for r in roles.values() for m in r if not m.startswith(unit + ".")}
+    if beyond:
+        raise ValueError(
+            f"shrinking {name} would also change {sorted(beyond)[0]}: "
+            "its channels are shared beyond its block"
+        )
+
+
+def _grouped_reader(graph, group) -> nn.Conv2d | None:
+    """The grouped conv (not depthwise, whose channels Torch-Pruning cuts with its inputs) that
+    takes a cut's channels as its inputs, if any."""
+    for dep, _ in group:
+        m = dep.target.module
+        if (
+            isinstance(m, nn.Conv2d)
+            and 1 < m.groups != m.out_channels
+            and graph.is_in_channel_pruning_fn(dep.handler)
+        ):
+            return m
+    return None
+
+
+def _cut_groups(
+    model: nn.Module,
+    graph,
+    layer: nn.Module,
+    grouped: nn.Conv2d,
+    cut: list[int],
+    unit: str,
+    name: str,
+) -> None:
+    """Remove groups `cut` of `grouped` with the channels of `layer` that feed them. Torch-Pruning
+    cuts the grouped conv's outputs with what reads them (BatchNorm, squeeze-excitation, the next
+    conv) and `layer`'s outputs with their BatchNorm; the grouped conv's inputs lose whole groups
+    here, as its weight holds each group's inputs once (Torch-Pruning would cut within groups)."""
+    import torch_pruning as tp
+
+    size_in = grouped.in_channels // grouped.groups
+    size_out = grouped.out_channels // grouped.groups
+    drop_out = [g * size_out + i for g in cut for i in range(size_out)]
+    outputs = graph.get_pruning_group(grouped, tp.prune_conv_out_channels, idxs=drop_out)
+    _check_within(model, graph, outputs, unit, name)
+    outputs.prune()
+    drop_in = [g * size_in + i for g in cut for i in range(size_in)]
+    for dep, idxs in graph.get_pruning_group(layer, prune_out_fn(layer), idxs=drop_in):
+        if dep.target.module is not grouped:
+            dep(idxs)
+    grouped.in_channels -= len(drop_in)
+    grouped.groups -= len(cut)
 
 
 class ShortcutPath(nn.Module):
@@ -124,7 +190,7 @@ def channel_copy_projection(block: nn.Module) -> nn.Sequential:
     shortcut maps: output channel o copies input channel o mod C_in at the strided positions, and
     the BatchNorm starts neutral; candidate fine-tuning then trains it."""
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
-    c_in, c_out = convs[0].in_channels, convs[-1].out_channels
+    c_in, c_out = block_channels(block)
     stride = max(m.stride[0] for m in convs)
     conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
     with torch.no_grad():
@@ -206,9 +272,10 @@ def remove_units(
     by_importance: bool = True,
 ) -> None:
     """Remove units in place, in forward (module) order: a residual block whose shape holds becomes
-    an identity, one that changes shape its `ShortcutPath` (or a `channel_copy_projection`); a
-    plain conv, with the BatchNorm and activations after it, becomes identities, the next layer's
-    inputs resized when its channels change (`by_importance` as in `shrink`)."""
+    an identity (a ShuffleNetV2 unit keeps its channel shuffle around an identity branch), one that
+    changes shape its `ShortcutPath` (or a `channel_copy_projection`); a plain conv, with the
+    BatchNorm and activations after it, becomes identities, the next layer's inputs resized when
+    its channels change (`by_importance` as in `shrink`)."""
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     for name in sorted(names, key=lambda n: order[n]):
         module = model.get_submodule(name)
@@ -216,6 +283,9 @@ def remove_units(
             _remove_conv(model, name, input_size, by_importance)
             continue
         found = block_kind(module)
+        if found == ("shuffle", True):
+            model.set_submodule(f"{name}.branch2", nn.Identity())
+            continue
         if found is None or found[1]:
             model.set_submodule(name, nn.Identity())
             continue
@@ -248,7 +318,9 @@ def build_candidate(
     targets = {
         unit: {
             conv: kept_channels(
-                model.get_submodule(conv_path(unit, conv)).out_channels, scale, round_to
+                out_width(model.get_submodule(conv_path(unit, conv))),
+                scale,
+                by_name[unit].width_multiple(round_to),
             )
             for conv in by_name[unit].shrinkable
         }
@@ -276,8 +348,7 @@ def candidate_spec(
     by_name = {u.name: u for u in units}
     channels = {
         unit: {
-            c: model.get_submodule(conv_path(unit, c)).out_channels
-            for c in by_name[unit].shrinkable
+            c: out_width(model.get_submodule(conv_path(unit, c))) for c in by_name[unit].shrinkable
         }
         for unit, _ in candidate.scales
     }

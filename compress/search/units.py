@@ -6,7 +6,10 @@ activation that follow it, removable when the next layer's inputs can be adapted
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch import nn
@@ -14,7 +17,7 @@ from torch import nn
 from compress.errors import InputError
 
 # Unit kinds the policies see as the `kind` feature (append only: saved policies know the indices).
-KINDS = ("basic", "bottleneck", "inverted_residual", "conv")
+KINDS = ("basic", "bottleneck", "inverted_residual", "conv", "convnext", "shuffle")
 FEATURES = (
     "kind",
     "kernel",
@@ -28,7 +31,8 @@ FEATURES = (
 )
 SUPPORTED = (
     "residual blocks (CIFAR ResNet BasicBlock, torchvision/timm ResNet BasicBlock and Bottleneck, "
-    "torchvision MobileNetV2/V3 and timm InvertedResidual), or else the stride-1 convs of "
+    "torchvision/timm RegNet bottlenecks, timm ConvNeXtBlock, torchvision MobileNetV2/V3 and timm "
+    "InvertedResidual, torchvision ShuffleNetV2 units), or else the stride-1 convs of "
     "nn.Sequential Conv-BN-ReLU stacks (a plain, VGG-style CNN)"
 )
 # Modules that follow a plain conv and go with it when it is removed.
@@ -52,13 +56,23 @@ class Unit:
     name: str  # module path, e.g. layer2.3 (a block) or features.4 (a plain conv)
     kind: str
     removable: bool
-    # Convs whose outputs may shrink: paths relative to the block; "" is the unit's own conv.
+    # Convs (or Linear layers) whose outputs may shrink: paths relative to the block; "" is the
+    # unit's own conv.
     shrinkable: list[str]
     features: dict[str, float]
     # What removal leaves: "identity"; "shortcut", the block's own shortcut path (then its
     # post-add activation); "projection", a new 1x1 conv + BN (a block without a shortcut);
-    # "next_input", for a plain conv, identities with the next layer's input channels resized.
+    # "next_input", for a plain conv, identities with the next layer's input channels resized;
+    # "shuffle", for a ShuffleNetV2 unit, its split, concat and channel shuffle around an identity
+    # branch (the later units' inputs keep the order they were trained on).
     removal: str = "identity"
+    # Shrunk widths stay multiples of this: the group width of a grouped conv that reads the
+    # shrinkable convs' outputs (whole groups are cut).
+    group_width: int = 1
+
+    def width_multiple(self, round_to: int) -> int:
+        """What shrunk channel counts are multiples of: `round_to` and whole groups."""
+        return math.lcm(round_to, self.group_width)
 
 
 def conv_path(unit: str, conv: str) -> str:
@@ -66,9 +80,23 @@ def conv_path(unit: str, conv: str) -> str:
     return f"{unit}.{conv}" if conv else unit
 
 
+def out_width(layer: nn.Module) -> int:
+    """Output channels of a conv, output features of a Linear layer."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def prune_out_fn(layer: nn.Module):
+    """Torch-Pruning's function that cuts `layer`'s outputs."""
+    import torch_pruning as tp
+
+    if isinstance(layer, nn.Linear):
+        return tp.prune_linear_out_channels
+    return tp.prune_conv_out_channels
+
+
 def block_kind(module: nn.Module) -> tuple[str, bool] | None:
     """(kind, keeps_shape) of a supported residual block, or None for anything else."""
-    from torchvision.models import mobilenetv2, mobilenetv3, resnet
+    from torchvision.models import mobilenetv2, mobilenetv3, regnet, resnet, shufflenetv2
 
     from compress.models import cifar_resnet
 
@@ -79,24 +107,45 @@ def block_kind(module: nn.Module) -> tuple[str, bool] | None:
         return kind, module.downsample is None
     if isinstance(module, (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual)):
         return "inverted_residual", bool(module.use_res_connect)
+    if isinstance(module, regnet.ResBottleneckBlock):
+        return "bottleneck", module.proj is None
+    if isinstance(module, shufflenetv2.InvertedResidual):
+        return "shuffle", module.stride == 1
     try:
         from timm.models import _efficientnet_blocks as eb
+        from timm.models import convnext
+        from timm.models import regnet as timm_regnet
         from timm.models import resnet as timm_resnet
     except ImportError:  # pragma: no cover - timm is a dependency
         return None
     if isinstance(module, (timm_resnet.BasicBlock, timm_resnet.Bottleneck)):
         kind = "basic" if isinstance(module, timm_resnet.BasicBlock) else "bottleneck"
         return kind, module.downsample is None
+    if isinstance(module, timm_regnet.Bottleneck):  # downsample None: no shortcut at all
+        return "bottleneck", isinstance(module.downsample, nn.Identity)
+    if isinstance(module, convnext.ConvNeXtBlock):
+        return "convnext", isinstance(module.shortcut, nn.Identity)
     if isinstance(module, (eb.InvertedResidual, eb.DepthwiseSeparableConv)):
         return "inverted_residual", bool(module.has_skip)
     return None
+
+
+def block_channels(block: nn.Module) -> tuple[int, int]:
+    """(input, output) channels of a supported residual block."""
+    from torchvision.models import shufflenetv2
+
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    if isinstance(block, shufflenetv2.InvertedResidual):  # concatenates two branches
+        out = 2 * block.branch2[-3].out_channels
+        return (out if block.stride == 1 else convs[0].in_channels), out
+    return convs[0].in_channels, convs[-1].out_channels
 
 
 def shortcut_path(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(shortcut, activation after the residual add) of a shape-changing residual block: with its
     residual branch gone the block computes activation(shortcut(x)). None for a block with no
     shortcut path (an inverted residual without a skip)."""
-    from torchvision.models import resnet
+    from torchvision.models import regnet, resnet
 
     from compress.models import cifar_resnet
 
@@ -104,26 +153,52 @@ def shortcut_path(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         return block.shortcut, nn.ReLU()
     if isinstance(block, (resnet.BasicBlock, resnet.Bottleneck)):
         return block.downsample, block.relu
+    if isinstance(block, regnet.ResBottleneckBlock):
+        return block.proj, block.activation
+    from timm.models import convnext
+    from timm.models import regnet as timm_regnet
     from timm.models import resnet as timm_resnet
 
     if isinstance(block, timm_resnet.BasicBlock):
         return block.downsample, block.act2
     if isinstance(block, timm_resnet.Bottleneck):
         return block.downsample, block.act3
+    if isinstance(block, timm_regnet.Bottleneck) and block.downsample is not None:
+        return block.downsample, block.act3
+    if isinstance(block, convnext.ConvNeXtBlock):
+        return block.shortcut, nn.Identity()
     return None
 
 
+def _is_squeeze_excitation(module: nn.Module) -> bool:
+    name = type(module).__name__  # torchvision SqueezeExcitation, timm SqueezeExcite, SEModule
+    return name.startswith("Squeeze") or name.endswith("SEModule")
+
+
 def _inner_convs(block: nn.Module) -> list[str]:
-    """Dense convs before the block's last conv, outside shortcuts and squeeze-excitation: their
-    output channels stay inside the block (the last conv writes the residual stream)."""
-    convs = [
+    """Dense convs (and Linear layers) before the block's last one, outside shortcuts, a
+    ShuffleNet unit's left branch and squeeze-excitation: their output channels stay inside the
+    block (the last one writes the residual stream)."""
+    layers = [
         (name, m)
         for name, m in block.named_modules()
-        if isinstance(m, nn.Conv2d)
-        and name.split(".")[0] not in ("downsample", "shortcut")  # projection shortcuts
-        and not any(type(p).__name__.startswith("Squeeze") for p in _parents(block, name))
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+        and name.split(".")[0] not in ("downsample", "shortcut", "proj", "branch1")
+        and not any(_is_squeeze_excitation(p) for p in _parents(block, name))
     ]
-    return [name for name, m in convs[:-1] if m.groups == 1]
+    return [name for name, m in layers[:-1] if getattr(m, "groups", 1) == 1]
+
+
+def _group_width(block: nn.Module, path: str) -> int:
+    """The group width of the conv right after the one at `path` when it is a grouped conv (not
+    a depthwise one, whose channels Torch-Pruning cuts with its inputs); 1 otherwise."""
+    names = [n for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+    if path not in names or path == names[-1]:
+        return 1
+    after = block.get_submodule(names[names.index(path) + 1])
+    if after.groups == 1 or after.groups == after.out_channels:
+        return 1
+    return after.in_channels // after.groups
 
 
 def _parents(root: nn.Module, path: str) -> list[nn.Module]:
@@ -139,10 +214,13 @@ def _conv_flops(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str,
     flops: dict[str, float] = {}
     handles = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
 
             def hook(mod, inp, out, name=name):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                if isinstance(mod, nn.Linear):
+                    k = mod.in_features
+                else:
+                    k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
                 flops[name] = 2.0 * k * out[0].numel()
 
             handles.append(m.register_forward_hook(hook))
@@ -161,16 +239,25 @@ def _conv_flops(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str,
 
 def dependency_graph(model: nn.Module, input_size: tuple[int, int, int]):
     """Torch-Pruning's dependency graph of `model`, traced in eval mode (BatchNorm statistics are
-    left as they are)."""
+    left as they are). ShuffleNetV2's channel shuffle is traced as an identity: Torch-Pruning
+    cannot follow its 5-D view, and it only permutes the stream between units, whose channels are
+    never cut (a cut reaching it is refused as shared beyond its block all the same)."""
     import torch_pruning as tp
+    from torchvision.models import shufflenetv2
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.zeros(1, *input_size, device=device)
-        )
+        with (
+            mock.patch.object(shufflenetv2, "channel_shuffle", lambda x, groups: x),
+            warnings.catch_warnings(),
+        ):
+            # Layer scales and GRN weights: cut along their one channel dimension, as intended.
+            warnings.filterwarnings("ignore", "Unwrapped parameters detected")
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.zeros(1, *input_size, device=device)
+            )
     finally:
         model.train(was_training)
 
@@ -247,15 +334,20 @@ def next_input(model: nn.Module, path: str, roles: dict[str, set[str]]) -> str |
 
 
 def _features(
-    kind: str, convs: list[nn.Conv2d], params: float, flops: float, position: float
+    kind: str,
+    convs: list[nn.Conv2d],
+    channels: tuple[int, int],
+    params: float,
+    flops: float,
+    position: float,
 ) -> dict[str, float]:
     return {
         "kind": float(KINDS.index(kind)),
         "kernel": float(max(m.kernel_size[0] for m in convs)),
         "stride": float(max(m.stride[0] for m in convs)),
         "padding": float(max(m.padding[0] for m in convs)),
-        "in_channels": float(convs[0].in_channels),
-        "out_channels": float(convs[-1].out_channels),
+        "in_channels": float(channels[0]),
+        "out_channels": float(channels[1]),
         "params": params,
         "flops": flops,
         "position": position,
@@ -304,6 +396,7 @@ def _plain_units(model: nn.Module, input_size: tuple[int, int, int]) -> list[Uni
                 features=_features(
                     "conv",
                     [conv],
+                    (conv.in_channels, conv.out_channels),
                     float(sum(p.numel() for m in parts for p in m.parameters())),
                     flops[name],
                     i / max(1, len(names) - 1),
@@ -336,20 +429,25 @@ def find_units(
             removal = "identity"
         else:
             removal = "projection" if shortcut_path(block) is None else "shortcut"
+        if kind == "shuffle" and keeps_shape:
+            removal = "shuffle"
+        shrinkable = _inner_convs(block)
         units.append(
             Unit(
                 name=name,
                 kind=kind,
                 removable=keeps_shape or project_shape_changes,
-                shrinkable=_inner_convs(block),
+                shrinkable=shrinkable,
                 features=_features(
                     kind,
                     [m for m in block.modules() if isinstance(m, nn.Conv2d)],
+                    block_channels(block),
                     float(sum(p.numel() for p in block.parameters())),
                     sum(v for k, v in flops.items() if k.startswith(name + ".")),
                     i / max(1, len(blocks) - 1),
                 ),
                 removal=removal,
+                group_width=math.lcm(1, *(_group_width(block, c) for c in shrinkable)),
             )
         )
     return units

@@ -337,10 +337,7 @@ def run(ctx: StageContext, cfg: SearchStage) -> StageResult:
     best = search.run()
     barrier(ctx.dist)  # every rank ran the same search on its share of candidates; rank 0 saved
     if best is None:
-        raise StageFailed(
-            f"search: no candidate within the budgets among {len(search.records)} evaluated; "
-            "raise the budgets or the number of updates"
-        )
+        raise StageFailed(f"search: {search.why_no_best()}")
     model, spec = load_model(ctx.stage_dir / BEST_FILE)
     barrier(ctx.dist)
     if ctx.dist.is_main:
