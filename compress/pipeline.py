@@ -24,7 +24,14 @@ from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.io import content_digest, read_json, write_json, write_text
 from compress.log import logger, setup_logging
-from compress.models import ModelSpec, create_model, load_model, save_model
+from compress.models import (
+    ModelSpec,
+    build_model,
+    create_model,
+    float_spec,
+    load_model,
+    save_model,
+)
 from compress.recipe import ModelConfig, Recipe
 from compress.report import RunReport
 from compress.stages import STAGES, StageContext
@@ -72,12 +79,20 @@ def model_identity(cfg: ModelConfig | None) -> Any:
     return [cfg.model_dump(mode="json"), hashes]
 
 
-def model_facts(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Any]:
-    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+def model_facts(
+    model: nn.Module, input_size: tuple[int, int, int], spec: ModelSpec | None = None
+) -> dict[str, Any]:
+    """Parameters, bytes and FLOPs; an INT8 model's FLOPs are its float graph's, and its size
+    what it deploys as where it says (an onnxruntime INT8 model: its ONNX file)."""
+    deployed = getattr(model, "deployed_size_bytes", None)
+    size = deployed() if deployed else sum(t.nbytes for t in model.state_dict().values())
+    float_model = model
+    if spec is not None and spec.int8 is not None:
+        float_model = build_model(float_spec(spec))
     return {
         "params": count_params(model),
-        "size_bytes": state_bytes,
-        "flops": count_flops(model, input_size),
+        "size_bytes": size,
+        "flops": count_flops(float_model, input_size),
     }
 
 
@@ -133,9 +148,11 @@ class Pipeline:
         assert self._teacher_spec is not None
         return self._teacher, self._teacher_spec
 
-    def _measure(self, model: nn.Module, label: str) -> dict[str, Any]:
+    def _measure(
+        self, model: nn.Module, label: str, spec: ModelSpec | None = None
+    ) -> dict[str, Any]:
         """Facts and test accuracy of a model (rank 0 only)."""
-        facts = model_facts(model.cpu(), self.data.input_size)
+        facts = model_facts(model.cpu(), self.data.input_size, spec)
         test = evaluate(model, self.data.loader("test"), self.device, desc=f"test {label}")
         return {**facts, "top1": test["top1"], "top5": test["top5"], "test_n": test["n"]}
 
@@ -162,7 +179,7 @@ class Pipeline:
         model, spec = create_model(student.model, student.kwargs, student.weights, data.num_classes)
         current = "student"
         self.report.ensure_model(
-            current, role="input", spec=spec.name, **model_facts(model, data.input_size)
+            current, role="input", spec=spec.name, **model_facts(model, data.input_size, spec)
         )
         artifacts: dict[str, str] = {}
         self.report.write()
@@ -264,7 +281,7 @@ class Pipeline:
         if self.dist.is_main:
             if stage_type.makes_model:
                 save_model(model.cpu(), spec, stage_dir / MODEL_FILE)
-                state["model"] = {"spec": spec.name, **self._measure(model, cfg.label)}
+                state["model"] = {"spec": spec.name, **self._measure(model, cfg.label, spec)}
             if result.teacher is not None:
                 assert self._teacher_spec is not None  # the stage built the teacher it adapted
                 save_model(result.teacher.cpu(), self._teacher_spec, stage_dir / TEACHER_FILE)

@@ -42,6 +42,49 @@ def resnet20_weights() -> Path:
     return _need(WEIGHTS / "resnet20-12fca82f.th")
 
 
+def build_tiny_image_folder(root: Path, classes: int = 4, train: int = 12, test: int = 6) -> Path:
+    """A small ImageFolder of real images: the first CIFAR-10 images of the first `classes`
+    classes when the shared data is present, else 32x32 crops of the photographs matplotlib ships
+    (one photograph per class)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    counts = {"train": train, "test": test}
+    if CIFAR.is_dir():
+        for split, n in counts.items():
+            for cls in sorted(p.name for p in (CIFAR / split).iterdir())[:classes]:
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                for f in sorted((CIFAR / split / cls).iterdir())[:n]:
+                    shutil.copyfile(f, root / split / cls / f.name)
+        return root
+    import matplotlib
+
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    photos = [
+        sample / "grace_hopper.jpg",
+        sample / "Minduka_Present_Blue_Pack.png",
+        sample / "logo2.png",
+    ]
+    rng = np.random.default_rng(0)
+    for cls, photo in enumerate(photos[:classes]):
+        image = np.asarray(Image.open(photo).convert("RGB"))
+        for split, n in counts.items():
+            (root / split / f"c{cls}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                y = rng.integers(0, image.shape[0] - 64)
+                x = rng.integers(0, image.shape[1] - 64)
+                crop = Image.fromarray(image[y : y + 64, x : x + 64]).resize((32, 32))
+                crop.save(root / split / f"c{cls}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder(tmp_path_factory) -> Path:
+    return build_tiny_image_folder(tmp_path_factory.mktemp("tiny") / "data")
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:

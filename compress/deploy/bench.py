@@ -272,3 +272,40 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def int8_speedup(
+    int8_path: Path | str,
+    float_path: Path | str,
+    batch_sizes: list[int],
+    settings: BenchSettings,
+    provider: str = "cpu",
+) -> dict[str, Any]:
+    """INT8 against FP32 on onnxruntime: p50 latencies timed interleaved, one timed run of each
+    model in turn `settings.repeats` times per batch size; each speed-up is a ratio of medians."""
+    fp32: dict[str, float] = {}
+    int8: dict[str, float] = {}
+    for b in batch_sizes:
+        runs: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for _ in range(settings.repeats):
+            for kind, path in (("fp32", float_path), ("int8", int8_path)):
+                result = bench_onnxruntime(
+                    Path(path),
+                    b,
+                    settings.threads,
+                    settings.warmup,
+                    settings.min_iters,
+                    settings.min_duration_s,
+                    repeats=1,
+                    provider=provider,
+                )
+                runs[kind].append(result["p50_ms"])
+        fp32[str(b)], int8[str(b)] = (statistics.median(runs[k]) for k in ("fp32", "int8"))
+    return {
+        "backend": "onnxruntime",
+        "provider": provider,
+        "threads": settings.threads or default_threads(),
+        "fp32_p50_ms": fp32,
+        "int8_p50_ms": int8,
+        "speedup": {b: fp32[b] / int8[b] for b in fp32},
+    }

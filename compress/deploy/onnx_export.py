@@ -71,8 +71,9 @@ def export_onnx(
     return path
 
 
-def onnxruntime_session(path: Path, threads: int | None = None, provider: str = "cpu"):
-    """An inference session with all graph optimisations and an explicit thread count.
+def onnxruntime_session(path: Path | bytes, threads: int | None = None, provider: str = "cpu"):
+    """An inference session (of a file, or of a serialised model) with all graph optimisations
+    and an explicit thread count.
 
     `provider`: `cpu`, or `cuda` for the CUDA execution provider (an error names what is missing).
     """
@@ -94,7 +95,8 @@ def onnxruntime_session(path: Path, threads: int | None = None, provider: str = 
             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA host, "
             "or use provider cpu"
         )
-    return ort.InferenceSession(str(path), options, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 @torch.no_grad()

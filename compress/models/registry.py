@@ -47,6 +47,11 @@ class ModelSpec:
         return cls(name=d["name"], kwargs=dict(d.get("kwargs", {})), int8=d.get("int8"))
 
 
+def float_spec(spec: ModelSpec) -> ModelSpec:
+    """The float architecture of a (possibly INT8) model."""
+    return ModelSpec(spec.name, spec.kwargs)
+
+
 def is_saved_model(name: str) -> bool:
     """True when `name` is the path of a model file rather than a zoo, timm or torchvision name."""
     if ":" in name:
@@ -82,9 +87,13 @@ def check_spec(name: str) -> None:
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the architecture `spec` names, with freshly initialised weights (never downloads)."""
     if spec.int8 is not None:
+        model = build_model(float_spec(spec))
+        if spec.int8.get("route") == "onnxruntime":  # its ONNX bytes come with the weights
+            from compress.quant.ort_int8 import OnnxInt8Model
+
+            return OnnxInt8Model(model)
         from compress.quant.int8 import quantize_int8
 
-        model = build_model(ModelSpec(spec.name, spec.kwargs))
         return quantize_int8(model, spec.int8["target"], tuple(spec.int8["input_size"]))
     name, kwargs = spec.name, dict(spec.kwargs)
     try:

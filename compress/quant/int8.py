@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -63,14 +63,106 @@ def quantize_int8(model: nn.Module, target: Int8Target, input_size: tuple[int, i
                 unsigned_act_tuple=unsigned,
             )
         except Exception as e:  # noqa: BLE001 - tracing fails in many ways; all mean the same
-            raise InputError(
-                f"INT8 quantization needs a model torch.fx can trace; {type(model).__name__} "
-                f"failed ({type(e).__name__}: {e}). Use quantized_distillation instead."
+            raise Int8Unsupported(
+                f"INT8 quantization (Brevitas) needs a model torch.fx can trace; "
+                f"{type(model).__name__} failed ({type(e).__name__}: {e})"
             ) from None
         generator = torch.Generator().manual_seed(0)
+        example = torch.randn(2, *input_size, generator=generator)
         with torch.no_grad(), calibration_mode(quantized):
-            quantized(torch.randn(2, *input_size, generator=generator))
+            run_located(quantized, example, type(model).__name__, "calibration")
     return quantized.eval()
+
+
+class Int8Unsupported(InputError):
+    """Brevitas cannot quantize (or export) this model; the message names the op that stopped it."""
+
+
+class _ModuleStack:
+    """The modules running at each moment of a forward pass (innermost last), by forward hooks."""
+
+    def __init__(self, model: nn.Module):
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.failed: tuple[str, nn.Module] | None = None
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            self.stack.append((name, module))
+
+        return hook
+
+    def _leave(self, module, args, output):
+        if self.stack:
+            self.stack.pop()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _failing_node(graph_module: nn.Module, call) -> str | None:
+    """The fx node of `graph_module` whose execution raises when `call()` runs it again, e.g.
+    `call_method chunk(stage2_0_cat, 2)`; None when it is no fx graph or nothing raises."""
+    if not hasattr(graph_module, "graph"):
+        return None
+    if type(graph_module).__module__.startswith("brevitas"):  # Brevitas' backported torch.fx
+        from brevitas.backport.fx.interpreter import Interpreter
+    else:
+        from torch.fx import Interpreter
+
+    class Locator(Interpreter):
+        failed: str | None = None
+
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                if self.failed is None:
+                    target = getattr(n.target, "__name__", n.target)
+                    args = ", ".join(str(a) for a in n.args)
+                    self.failed = f"{n.op} {target}({args})"
+                raise
+
+    locator = Locator(graph_module)
+    graph_module.forward = locator.run  # the instance attribute shadows the generated forward
+    try:
+        call()
+    except Exception:  # noqa: BLE001 - the failure is what we look for
+        pass
+    finally:
+        del graph_module.forward
+    return locator.failed
+
+
+def run_located(
+    model: nn.Module, example: torch.Tensor, model_name: str, what: str, fn=None
+) -> Any:
+    """Run `fn()` (default: `model(example)`); if it raises, raise Int8Unsupported naming the
+    module (path and type) or the graph op that was running."""
+    call = fn if fn is not None else (lambda: model(example))
+    stack = _ModuleStack(model)
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001 - Brevitas fails on unsupported ops in many ways
+        where = None
+        inner = [(n, m) for n, m in stack.stack if n]
+        if inner:
+            name, module = inner[-1]
+            where = f"module {name} ({type(module).__name__})"
+        else:
+            stack.close()
+            node = _failing_node(model, call)
+            where = node and f"op {node}"
+        raise Int8Unsupported(
+            f"INT8 quantization (Brevitas) of {model_name} failed in {what} at "
+            f"{where or 'an unknown op'}: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        stack.close()
 
 
 @torch.no_grad()
@@ -135,14 +227,21 @@ def export_int8_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, i
 
     with checked_onnx_file(path) as onnx_path:
         # The dynamo route rejects quantized (INT32) bias; the TorchScript one exports it.
-        export_onnx_qcdq(
+        example = torch.zeros(2, *input_size)
+        run_located(
             model.eval().cpu(),
-            torch.zeros(2, *input_size),
-            export_path=str(onnx_path),
-            dynamo=False,
-            opset_version=INT8_OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            example,
+            type(model).__name__,
+            "Q/DQ ONNX export",
+            lambda: export_onnx_qcdq(
+                model,
+                example,
+                export_path=str(onnx_path),
+                dynamo=False,
+                opset_version=INT8_OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            ),
         )
     return path

@@ -27,7 +27,7 @@ from compress.search.policies import (
 )
 from compress.search.reward import INVALID, constrained_reward
 from compress.search.surgery import Candidate
-from compress.search.units import FEATURES, Unit, feature_matrix
+from compress.search.units import FEATURES, SUPPORTED, Unit, feature_matrix
 
 STATE_FILE = "search_state.pt"
 HISTORY_FILE = "history.jsonl"
@@ -354,7 +354,7 @@ class PolicySearch:
             shrinkable = sum(bool(u.shrinkable) for u in self.units)
             return (
                 f"{text}: the {self.s.mode} search had no unit to act on ({len(self.units)} "
-                f"units, {removable} removable, {shrinkable} shrinkable)"
+                f"units, {removable} removable, {shrinkable} shrinkable); it acts on {SUPPORTED}"
             )
         failed = [r for r in records if r.get("reward_raw") is None]
         if failed:

@@ -8,21 +8,46 @@
   tensors with larger gradient norms get more points (the total is unchanged).
 - qat_int8: Brevitas quantization-aware training of INT8 weights and activations (see
   compress/quant/int8.py), calibrated first, trained on the same KD loss; exports as Q/DQ ONNX.
-- ptq_int8: the same quantized model, calibrated only: the post-training baseline.
+- ptq_int8: post-training INT8, calibrated on training images, by one of two routes
+  (`int8_route`): `brevitas`, the same quantized model as qat_int8 without training, or
+  `onnxruntime`, onnxruntime's `quantize_static` on the exported FP32 ONNX model with compress's
+  measured Q/DQ placement (compress/quant/ort_int8.py). `auto` takes onnxruntime for the
+  onnxruntime target (it covers every model that exports, and places Q/DQ by measured speed) and
+  Brevitas for the tensorrt target, falling back to onnxruntime's quantizer in ModelOpt's TensorRT
+  configuration where Brevitas cannot handle an op.
 The first two train on KD against the fixed teacher (the paper's code: T 2, alpha 0.7).
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
+import onnx
 from pydantic import Field, model_validator
 
+from compress.deploy.onnx_export import export_onnx
 from compress.errors import InputError
+from compress.log import logger
 from compress.models import ModelSpec
 from compress.quant.compact import save_compact
-from compress.quant.int8 import Int8Target, calibrate, int8_size, quantize_int8
+from compress.quant.int8 import (
+    Int8Target,
+    Int8Unsupported,
+    calibrate,
+    export_int8_onnx,
+    int8_size,
+    quantize_int8,
+)
+from compress.quant.ort_int8 import (
+    OnnxInt8Model,
+    Placement,
+    calibration_batches,
+    onnx_int8_size,
+    quantize_onnx_int8,
+)
 from compress.quant.points import PointQuantizer, assign_points, gradient_norms
 from compress.quant.size import size_report
 from compress.quant.weights import WeightQuantizer, select_layers
@@ -88,6 +113,18 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
         gt=0,
         description="*_int8: training batches (unaugmented) that set the activation scales.",
     )
+    int8_route: Literal["auto", "brevitas", "onnxruntime"] = Field(
+        "auto",
+        description="ptq_int8: brevitas (fx graph quantization), onnxruntime (quantize_static "
+        "on the FP32 ONNX model), or auto: onnxruntime for the onnxruntime target; brevitas for "
+        "tensorrt, else onnxruntime where Brevitas cannot handle an op. qat_int8: brevitas.",
+    )
+    int8_placement: Placement = Field(
+        "measured",
+        description="ptq_int8 through onnxruntime: all (every op its quantizer supports) or "
+        "measured (op groups stay float where that is faster on onnxruntime CPU; onnxruntime "
+        "target only).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +140,13 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
             data = {"lr": 1e-4, **data, "bits": 8}
             if method == "ptq_int8":  # calibration only: the training fields are not used
                 data = {"epochs": 1, **data}
+            elif data.get("int8_route") == "onnxruntime":
+                raise ValueError("int8_route: qat_int8 trains in PyTorch, so only through brevitas")
+            if data.get("int8_target") == "tensorrt" and data.get("int8_placement") == "measured":
+                raise ValueError(
+                    "int8_placement: measured times onnxruntime's CPU kernels; use all for the "
+                    "tensorrt target"
+                )
         return data
 
     @property
@@ -120,31 +164,30 @@ def _objective(ctx: StageContext, cfg: QuantizeStage):
 def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
     if ctx.spec.int8 is not None:
         raise InputError(f"stages[{ctx.index}].method: the model is already INT8-quantized")
-    objective = _objective(ctx, cfg)[0] if cfg.method == "qat_int8" else None
-    input_size = ctx.data.input_size
-    model = quantize_int8(ctx.model, cfg.int8_target, input_size)
-    batch_size = cfg.batch_size or ctx.data.cfg.batch_size
-    calibration_loader = ctx.data.loader("train", train=False, batch_size=batch_size)
-    seen = calibrate(model, calibration_loader, ctx.device, cfg.calibration_batches)
-    if objective is not None:
-        ctx.model = model
-        result = train_with(ctx, cfg, objective)
-    else:
-        result = StageResult(model=model)
-    result.spec = ModelSpec(
-        ctx.spec.name,
-        ctx.spec.kwargs,
-        int8={"target": cfg.int8_target, "input_size": list(input_size)},
-    )
-    size = int8_size(model)
-    result.metrics.update(
-        size, method=cfg.method, bits=8, int8_target=cfg.int8_target, calibration_images=seen
-    )
+    float_onnx = ctx.stage_dir / "float.onnx"  # the FP32 reference the INT8 speed-up is timed on
+    if ctx.dist.is_main:
+        _export_float(ctx, float_onnx)
+    route = cfg.int8_route
+    if route == "auto":
+        route = "onnxruntime" if cfg.int8_target == "onnxruntime" else "brevitas"
+        if cfg.method == "qat_int8":
+            route = "brevitas"
+    try:
+        result = _run_brevitas(ctx, cfg) if route == "brevitas" else None
+    except Int8Unsupported as e:
+        if cfg.int8_route != "auto" or cfg.method == "qat_int8":
+            raise InputError(f"stages[{ctx.index}] ({cfg.method}): {e}") from None
+        logger.warning(f"{e}; quantizing with onnxruntime's quantizer instead")
+        route, result = "onnxruntime", None
+    if result is None:
+        result = _run_onnxruntime(ctx, cfg, float_onnx)
+    result.metrics.update(method=cfg.method, bits=8, int8_target=cfg.int8_target, int8_route=route)
     result.model_metrics = {
         "quantization": cfg.method,
+        "int8_route": route,
         "bits": 8,
         **{
-            k: size[k]
+            k: result.metrics.get(k)
             for k in (
                 "bits_per_weight",
                 "huffman_bits_per_weight",
@@ -153,6 +196,68 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
             )
         },
     }
+    if ctx.dist.is_main:
+        result.artifacts["float_onnx"] = str(float_onnx)
+    return result
+
+
+def _export_float(ctx: StageContext, path: Path) -> Path:
+    # The TorchScript exporter: a tenth of the dynamo one's time, BatchNorm folded all the same,
+    # and nodes named by module scope (what full_precision names).
+    try:
+        return export_onnx(ctx.model, path, ctx.data.input_size, opset=17, dynamo=False)
+    except Exception:  # noqa: BLE001 - a model the TorchScript tracer cannot take
+        return export_onnx(ctx.model, path, ctx.data.input_size)
+
+
+def _int8_spec(ctx: StageContext, cfg: QuantizeStage, **route: str) -> ModelSpec:
+    input_size = list(ctx.data.input_size)
+    int8 = {**route, "target": cfg.int8_target, "input_size": input_size}
+    return ModelSpec(ctx.spec.name, ctx.spec.kwargs, int8=int8)
+
+
+def _run_brevitas(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
+    objective = _objective(ctx, cfg)[0] if cfg.method == "qat_int8" else None
+    input_size = ctx.data.input_size
+    model = quantize_int8(ctx.model, cfg.int8_target, input_size)
+    batch_size = cfg.batch_size or ctx.data.cfg.batch_size
+    calibration_loader = ctx.data.loader("train", train=False, batch_size=batch_size)
+    seen = calibrate(model, calibration_loader, ctx.device, cfg.calibration_batches)
+    with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:  # fail before training
+        export_int8_onnx(model, Path(tmp) / "check.onnx", input_size)
+    if objective is not None:
+        ctx.model = model
+        result = train_with(ctx, cfg, objective)
+    else:
+        result = StageResult(model=model)
+    result.spec = _int8_spec(ctx, cfg)
+    result.metrics.update(int8_size(model), calibration_images=seen)
+    return result
+
+
+def _run_onnxruntime(ctx: StageContext, cfg: QuantizeStage, float_onnx: Path) -> StageResult:
+    batch_size = cfg.batch_size or ctx.data.cfg.batch_size
+    loader = ctx.data.loader("train", train=False, batch_size=batch_size)
+    batches = calibration_batches(loader, cfg.calibration_batches)
+    with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
+        if not ctx.dist.is_main:  # the main rank wrote the float model into the stage folder
+            float_onnx = _export_float(ctx, Path(tmp) / "float.onnx")
+        qdq = Path(tmp) / "int8.onnx"
+        placement = quantize_onnx_int8(
+            float_onnx,
+            qdq,
+            batches,
+            cfg.int8_target,
+            cfg.int8_placement if cfg.int8_target == "onnxruntime" else "all",
+            cfg.full_precision,
+        )
+        onnx_bytes = qdq.read_bytes()
+        size = onnx_int8_size(onnx.load(str(qdq)), onnx.load(str(float_onnx)))
+    model = OnnxInt8Model(ctx.model.cpu(), onnx_bytes)
+    result = StageResult(model=model, spec=_int8_spec(ctx, cfg, route="onnxruntime"))
+    result.metrics.update(
+        size, calibration_images=sum(len(b) for b in batches), **placement.to_dict()
+    )
     return result
 
 

@@ -52,6 +52,12 @@ def train_with(
     ctx: StageContext, cfg: TrainingConfig, objective, hooks: TrainHooks | None = None
 ) -> StageResult:
     """Run the one training loop on the current model with `objective`; the model is the result."""
+    if ctx.spec.int8 is not None and ctx.spec.int8.get("route") == "onnxruntime":
+        raise InputError(
+            f"stages[{ctx.index}]: the model was quantized by onnxruntime (ptq_int8) and runs "
+            "only there, so it cannot train; put training stages before the quantize stage, or "
+            "use qat_int8"
+        )
     train, val = train_loaders(ctx, cfg)
     label = getattr(cfg, "label", "train")
     metrics = fit(
