@@ -248,11 +248,13 @@ def paired_latency_ratio(
     base: Path, other: Path, batch_sizes: list[int], threads: int | None, rounds: int = 5
 ) -> float:
     """p50 latency of `other` over `base` on onnxruntime CPU, the mean over `batch_sizes`; the
-    two are timed in alternation, so load on the machine affects both alike."""
+    two are timed in alternation, so load on the machine affects both alike, with worker threads
+    that do not spin between runs (else the idle session's threads slow the timed one)."""
     from compress.deploy.bench import default_threads, time_calls
     from compress.deploy.onnx_export import onnxruntime_session
 
-    sessions = [onnxruntime_session(p, threads or default_threads()) for p in (base, other)]
+    threads = threads or default_threads()
+    sessions = [onnxruntime_session(p, threads, spinning=False) for p in (base, other)]
     name = sessions[0].get_inputs()[0].name
     ratios = []
     for b in batch_sizes:
@@ -347,8 +349,13 @@ def onnx_int8_size(qdq: onnx.ModelProto, reference: onnx.ModelProto) -> dict[str
         if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2
     )
     size, fp32 = stored(qdq), stored(reference)
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    weighted = [n for n in qdq.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    int8_layers = sum(producers.get(n.input[1]) == "DequantizeLinear" for n in weighted)
     return {
         "int8_weights": int8,
+        "int8_layers": int8_layers,  # conv/gemm/matmul layers with INT8 weights ...
+        "weight_layers": len(weighted),  # ... of all of them
         "bits_per_weight": 8 * size / max(fp32 // 4, 1),
         "quantized_size_bytes": size,
         "fp32_size_bytes": fp32,
