@@ -290,10 +290,10 @@ def quantize_onnx_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not batches:
-        raise InputError("ptq_int8: no calibration images (the train split is empty)")
+        raise InputError("calibration_batches: no calibration images (the train split is empty)")
     if placement == "measured" and target != "onnxruntime":
         raise InputError(
-            "placement: measured times onnxruntime's CPU kernels; use placement: all for "
+            "int8_placement: measured times onnxruntime's CPU kernels; use all for "
             f"int8_target {target}"
         )
     input_name = onnx.load(str(float_onnx), load_external_data=False).graph.input[0].name

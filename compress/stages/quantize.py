@@ -246,17 +246,20 @@ def _run_onnxruntime(ctx: StageContext, cfg: QuantizeStage, float_onnx: Path) ->
         if not ctx.dist.is_main:  # the main rank wrote the float model into the stage folder
             float_onnx = _export_float(ctx, Path(tmp) / "float.onnx")
         qdq = Path(tmp) / "int8.onnx"
-        placement = quantize_onnx_int8(
-            float_onnx,
-            qdq,
-            batches,
-            cfg.int8_target,
-            cfg.int8_placement if cfg.int8_target == "onnxruntime" else "all",
-            cfg.full_precision,
-        )
+        try:
+            placement = quantize_onnx_int8(
+                float_onnx,
+                qdq,
+                batches,
+                cfg.int8_target,
+                cfg.int8_placement if cfg.int8_target == "onnxruntime" else "all",
+                cfg.full_precision,
+            )
+        except InputError as e:
+            raise InputError(f"stages[{ctx.index}].{e}") from None
         onnx_bytes = qdq.read_bytes()
         size = onnx_int8_size(onnx.load(str(qdq)), onnx.load(str(float_onnx)))
-    if size["int8_layers"] * 2 < size["weight_layers"]:
+    if placement.excluded_groups and size["int8_layers"] * 2 < size["weight_layers"]:
         logger.warning(
             f"stages[{ctx.index}]: {size['weight_layers'] - size['int8_layers']} of "
             f"{size['weight_layers']} conv/linear layers stayed float: their integer kernels "

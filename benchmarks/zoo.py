@@ -1,0 +1,307 @@
+"""INT8 on the timm/torchvision edge families and the CIFAR ResNets: compress's ptq_int8 against
+onnxruntime's own quantizer on the same FP32 network.
+
+For each architecture: a short real training on the shared CIFAR-10 (`--epochs` over
+`--per-class` images per class; the CIFAR ResNets start from their pretrained weights), run as a
+recipe (train, quantize ptq_int8 with measured placement, export); the FP32 model is trained
+once. Then, from that FP32 ONNX model (the quantize stage's `float.onnx`): onnxruntime's
+`quantize_static` with its documented CPU settings (QDQ, per-channel int8 weights, uint8
+activations, after `quant_pre_process`, calibrated on the same images). All three are scored on
+the same test images and timed at batch 1 and 32 in one process, in alternation (onnxruntime CPU).
+Where INT8 is not faster, `why` gives the kernels' measured time by op type (onnxruntime's
+profiler) for the FP32 and the compress model at batch 32.
+
+Last stdout line: JSON with one row per architecture; also results/zoo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import onnx
+
+from benchmarks._common import SHARED, require, save
+from compress.deploy.bench import bench_onnxruntime, cpu_name, default_threads
+from compress.deploy.onnx_export import OnnxRuntimeModel, onnxruntime_session
+from compress.evaluation import evaluate
+from compress.pipeline import Pipeline
+from compress.quant.ort_int8 import calibration_batches, onnx_int8_size, saturating_u8s8_cpu
+from compress.recipe import parse_recipe
+
+ARCHITECTURES = [
+    "cifar_resnet20",
+    "cifar_resnet56",
+    "timm:resnet18",
+    "timm:resnet18d",
+    "torchvision:resnet18",
+    "timm:mobilenetv2_050",
+    "torchvision:mobilenet_v2",
+    "timm:mobilenetv3_small_100",
+    "torchvision:mobilenet_v3_small",
+    "timm:mobilenetv4_conv_small",
+    "timm:efficientnet_b0",
+    "timm:efficientnet_lite0",
+    "timm:regnetx_002",
+    "torchvision:regnet_x_400mf",
+    "timm:convnext_atto",
+    "torchvision:shufflenet_v2_x0_5",
+    "timm:ghostnet_100",
+    "torchvision:mnasnet0_5",
+    "timm:repvgg_a0",
+    "timm:rexnet_100",
+    "timm:lcnet_050",
+    "timm:mobilevit_xxs",
+    "timm:efficientvit_b0",
+]
+PRETRAINED = {
+    "cifar_resnet20": "resnet20-12fca82f.th",
+    "cifar_resnet56": "resnet56-4bfd9763.th",
+}
+
+
+def recipe_for(arch: str, args: argparse.Namespace) -> dict:
+    student: dict = {"model": arch}
+    if arch in PRETRAINED:
+        student["weights"] = str(require(SHARED / "weights" / "cifar_resnet" / PRETRAINED[arch]))
+    return {
+        "name": "zoo-" + arch.replace(":", "-"),
+        "seed": args.seed,
+        "data": {
+            "root": str(require(SHARED / "data" / "cifar10")),
+            "limit_per_class": args.per_class,
+            "test_limit_per_class": args.test_per_class,
+            "augment": "flip",
+            "batch_size": 64,
+        },
+        "student": student,
+        "stages": [
+            {"type": "train", "epochs": args.epochs, "optimizer": "adamw", "lr": args.lr},
+            {
+                "type": "quantize",
+                "method": "ptq_int8",
+                "calibration_batches": args.calibration_batches,
+            },
+            {"type": "export", "int8_max_drop": 100, "speedup_batch_sizes": None},
+        ],
+    }
+
+
+def ort_quantize_static(float_onnx: Path, out: Path, batches: list) -> Path:
+    """onnxruntime's quantizer as its docs set it up for CPU: pre-process, then QDQ with
+    per-channel int8 weights and uint8 activations (MinMax calibration)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(float_onnx), str(pre))
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            batch = next(self.it, None)
+            return None if batch is None else {"input": batch}
+
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+def interleaved_p50(paths: dict[str, Path], batch: int, rounds: int, threads: int) -> dict:
+    """Median over `rounds` of each model's p50, the models timed in turn within each round."""
+    runs: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, path in paths.items():
+            result = bench_onnxruntime(
+                path, batch, threads, warmup=5, min_iters=20, min_duration_s=0.5, repeats=1
+            )
+            runs[name].append(result["p50_ms"])
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def op_type_ms(path: Path, batch: int, threads: int, runs: int = 20) -> dict[str, float]:
+    """Kernel time per op type (ms per run) from onnxruntime's profiler, largest first."""
+    import numpy as np
+
+    session = onnxruntime_session(path, threads)
+    inp = session.get_inputs()[0]
+    shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+    x = {inp.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.enable_profiling = threads, True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "compress-zoo-profile")
+    profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        profiled.run(None, x)
+    profile = Path(profiled.end_profiling())
+    times: dict[str, float] = defaultdict(float)
+    for event in json.loads(profile.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+    profile.unlink(missing_ok=True)
+    return dict(sorted(((k, round(v, 3)) for k, v in times.items()), key=lambda kv: -kv[1]))
+
+
+def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> dict:
+    t0 = time.perf_counter()
+    out = work / arch.replace(":", "_")
+    report = Pipeline(parse_recipe(recipe_for(arch, args)), out).run()
+    stages = {s["type"]: s for s in report["stages"]}
+    quantize = stages["quantize"]["metrics"]
+    paths = {
+        "fp32": out / "01-quantize" / "float.onnx",
+        "compress": out / "02-export" / "model.onnx",
+        "onnxruntime": out / "ort_quantize_static.onnx",
+    }
+    from compress.data import ImageFolderData
+
+    data = ImageFolderData(parse_recipe(recipe_for(arch, args)).data, args.seed)
+    batches = calibration_batches(
+        data.loader("train", train=False, batch_size=64), args.calibration_batches
+    )
+    ort_quantize_static(paths["fp32"], paths["onnxruntime"], batches)
+    test = data.loader("test")
+    top1 = {
+        k: evaluate(OnnxRuntimeModel(p, threads), test, data_device(), desc=k)["top1"]
+        for k, p in paths.items()
+    }
+    p50 = {b: interleaved_p50(paths, b, args.rounds, threads) for b in (1, 32)}
+    fp32_graph = onnx.load(str(paths["fp32"]))
+    layers = {}
+    for k in ("compress", "onnxruntime"):
+        size = onnx_int8_size(onnx.load(str(paths[k])), fp32_graph)
+        layers[k] = f"{size['int8_layers']}/{size['weight_layers']}"
+    speedup = {k: {b: p50[b]["fp32"] / p50[b][k] for b in p50} for k in ("compress", "onnxruntime")}
+    row = {
+        "arch": arch,
+        "top1": top1,
+        "ptq_drop": top1["fp32"] - top1["compress"],
+        "p50_ms": p50,
+        "speedup_vs_fp32": speedup,
+        "compress_vs_onnxruntime": {b: p50[b]["onnxruntime"] / p50[b]["compress"] for b in p50},
+        "int8_layers": layers,
+        "float_groups": quantize.get("float_groups"),
+        "reduce_range": quantize.get("reduce_range"),
+        "placement_trials": quantize.get("placement_trials"),
+        "wall_s": time.perf_counter() - t0,
+    }
+    if min(speedup["compress"].values()) < 1.3:
+        row["why"] = {
+            "fp32_ms_by_op_batch32": op_type_ms(paths["fp32"], 32, threads),
+            "compress_ms_by_op_batch32": op_type_ms(paths["compress"], 32, threads),
+        }
+    return row
+
+
+def data_device():
+    import torch
+
+    return torch.device("cpu")
+
+
+def why(row: dict) -> str:
+    """Why INT8 is not faster, from the measured kernel times: the costliest op types."""
+    if "why" not in row:
+        return ""
+    fp32, int8 = row["why"]["fp32_ms_by_op_batch32"], row["why"]["compress_ms_by_op_batch32"]
+    top = list(int8.items())[:2]
+    conv = fp32.get("Conv", 0.0) + fp32.get("FusedConv", 0.0)
+    return (
+        ", ".join(f"{op} {ms:.1f} ms" for op, ms in top)
+        + f" against FP32 Conv {conv:.1f} ms (batch 32)"
+    )
+
+
+def table(result: dict) -> str:
+    """The results as a markdown table."""
+    lines = [
+        "| model | top-1 FP32 | compress | ORT | INT8 layers compress / ORT | speed-up b1 "
+        "compress / ORT | speed-up b32 compress / ORT | float groups | where INT8 time goes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['arch']} | failed: {row['error']} ||||||||")
+            continue
+        t, s, layers = row["top1"], row["speedup_vs_fp32"], row.get("int8_layers", {})
+        lines.append(
+            f"| {row['arch']} | {t['fp32']:.1f} | {t['compress']:.1f} | {t['onnxruntime']:.1f} | "
+            f"{layers.get('compress', '')} / {layers.get('onnxruntime', '')} | "
+            f"{s['compress']['1']:.2f}x / {s['onnxruntime']['1']:.2f}x | "
+            f"{s['compress']['32']:.2f}x / {s['onnxruntime']['32']:.2f}x | "
+            f"{', '.join(row['float_groups'] or []) or '–'} | {why(row)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", type=Path, help="print a results file as a markdown table, and exit")
+    p.add_argument("--archs", nargs="+", default=ARCHITECTURES)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=None, help="run folders (default: a temp dir)")
+    p.add_argument("--name", default="zoo")
+    args = p.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
+    threads = default_threads()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="compress-zoo-") as tmp:
+        work = args.work or Path(tmp)
+        for arch in args.archs:
+            try:
+                rows.append(run_arch(arch, args, work, threads))
+            except Exception as e:  # noqa: BLE001 - a failed architecture is a result too
+                rows.append({"arch": arch, "error": f"{type(e).__name__}: {e}"})
+            row = rows[-1]
+            if "error" in row:
+                print(f"{arch}: FAILED {row['error']}", flush=True)
+            else:
+                s = row["speedup_vs_fp32"]
+                print(
+                    f"{arch}: top-1 fp32 {row['top1']['fp32']:.1f} compress "
+                    f"{row['top1']['compress']:.1f} ort {row['top1']['onnxruntime']:.1f}; "
+                    f"speed-up b1 {s['compress'][1]:.2f}x (ort {s['onnxruntime'][1]:.2f}x), "
+                    f"b32 {s['compress'][32]:.2f}x (ort {s['onnxruntime'][32]:.2f}x); "
+                    f"INT8 layers {row['int8_layers']}; float groups {row['float_groups']}",
+                    flush=True,
+                )
+    save(
+        args.name,
+        {
+            "benchmark": "zoo",
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "cpu": cpu_name(),
+            "threads": threads,
+            "saturating_u8s8_cpu": saturating_u8s8_cpu(),
+            "rows": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
