@@ -10,11 +10,11 @@ and quantized to QDQ form with per-channel signed INT8 weights. The target sets 
 
 Placement (`all` or `measured`): `all` quantizes every op onnxruntime's quantizer supports.
 `measured` starts from that and then, op group by op group (the stem conv, depthwise, pointwise
-and squeeze-excite convs, other convs, the classifier, residual adds, multiplies, sigmoids,
-pooling), leaves a group in float when that makes the model at least 3% faster on onnxruntime
-CPU, timed against the best placement so far in alternation: on some CPUs an integer kernel is
-slower than the float one (a 3-channel stem conv nearly always is), while a float group between
-integer ones costs its Q/DQ boundaries.
+and squeeze-excite convs (any conv on a 1x1 map), other convs, the classifier, residual adds,
+multiplies, sigmoids, pooling), leaves a group in float when that makes the model at least 3%
+faster on onnxruntime CPU, timed against the best placement so far in alternation: on some CPUs
+an integer kernel is slower than the float one (a 3-channel stem conv often is), while a float
+group between integer ones costs its Q/DQ boundaries.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ Placement = Literal["all", "measured"]
 # Op groups the measured placement may leave in float, tried in this order.
 GROUPS = (
     "stem",
-    "squeeze_excite",
+    "squeeze_excite",  # any conv on a 1x1 feature map (also a last stage at small inputs)
     "depthwise",
     "pointwise",
     "conv",
