@@ -70,7 +70,7 @@ def test_full_precision_modules_stay_float_and_the_model_reloads(resnet20, tmp_p
     int8 = OnnxInt8Model(model, out.read_bytes())
     spec = ModelSpec(
         "cifar_resnet20",
-        {"num_classes": 4},
+        {"num_classes": model.linear.out_features},
         int8={"route": "onnxruntime", "target": "onnxruntime", "input_size": list(SIZE)},
     )
     reloaded, reloaded_spec = load_model(save_model(int8, spec, tmp_path / "m.safetensors"))
