@@ -162,8 +162,13 @@ class Recipe(StrictModel):
             raise ValueError("set `teacher` or `student` (the model the stages start from)")
         if not all(isinstance(s, BaseModel) for s in self.stages):
             return self  # a stage entry is invalid: its own errors are reported instead
-        if self.teacher is None and any(getattr(s, "needs_teacher", False) for s in self.stages):
-            raise ValueError("a distill stage needs a `teacher`")
+        needing = [i for i, s in enumerate(self.stages) if getattr(s, "needs_teacher", False)]
+        if self.teacher is None and needing:
+            i = needing[0]
+            hint = " (or distill_from: input)" if self.stages[i].type == "quantize" else ""
+            raise ValueError(
+                f"stages[{i}] ({self.stages[i].type}) learns from a teacher: set `teacher`{hint}"
+            )
         for i, stage in enumerate(self.stages):
             needed = getattr(stage, "needs_earlier", ())
             earlier = {s.type for s in self.stages[:i]}

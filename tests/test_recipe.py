@@ -79,7 +79,13 @@ def test_bench_without_export_is_rejected(tmp_path, small_recipe):
 
 def test_distill_without_teacher_is_rejected(tmp_path, small_recipe):
     del small_recipe["teacher"]
-    assert "needs a `teacher`" in _bad(tmp_path, small_recipe)
+    assert "stages[1] (distill) learns from a teacher: set `teacher`" in _bad(
+        tmp_path, small_recipe
+    )
+    small_recipe["stages"][1] = {"type": "quantize", "method": "qat_int8", "epochs": 1}
+    message = _bad(tmp_path, small_recipe)
+    assert "stages[1] (quantize) learns from a teacher" in message
+    assert "distill_from: input" in message
 
 
 def test_shipped_recipes_validate(tmp_path, monkeypatch):
