@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import onnx
+import torch
 
 from benchmarks._common import SHARED, require, save
-from compress.deploy.bench import bench_onnxruntime, cpu_name, default_threads
-from compress.deploy.onnx_export import OnnxRuntimeModel, onnxruntime_session
+from compress.data import ImageFolderData
+from compress.deploy.bench import BenchSettings, cpu_name, default_threads, interleaved_p50
+from compress.deploy.onnx_export import OnnxRuntimeModel
 from compress.evaluation import evaluate
 from compress.pipeline import Pipeline
 from compress.quant.ort_int8 import calibration_batches, onnx_int8_size, saturating_u8s8_cpu
@@ -121,32 +122,18 @@ def ort_quantize_static(float_onnx: Path, out: Path, batches: list) -> Path:
     return out
 
 
-def interleaved_p50(paths: dict[str, Path], batch: int, rounds: int, threads: int) -> dict:
-    """Median over `rounds` of each model's p50, the models timed in turn within each round."""
-    runs: dict[str, list[float]] = defaultdict(list)
-    for _ in range(rounds):
-        for name, path in paths.items():
-            result = bench_onnxruntime(
-                path, batch, threads, warmup=5, min_iters=20, min_duration_s=0.5, repeats=1
-            )
-            runs[name].append(result["p50_ms"])
-    return {name: statistics.median(v) for name, v in runs.items()}
-
-
 def op_type_ms(path: Path, batch: int, threads: int, runs: int = 20) -> dict[str, float]:
     """Kernel time per op type (ms per run) from onnxruntime's profiler, largest first."""
     import numpy as np
-
-    session = onnxruntime_session(path, threads)
-    inp = session.get_inputs()[0]
-    shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
-    x = {inp.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.enable_profiling = threads, True
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "compress-zoo-profile")
     profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inp = profiled.get_inputs()[0]
+    shape = [batch] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+    x = {inp.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
     for _ in range(runs):
         profiled.run(None, x)
     profile = Path(profiled.end_profiling())
@@ -161,7 +148,8 @@ def op_type_ms(path: Path, batch: int, threads: int, runs: int = 20) -> dict[str
 def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     out = work / arch.replace(":", "_")
-    report = Pipeline(parse_recipe(recipe_for(arch, args)), out).run()
+    recipe = parse_recipe(recipe_for(arch, args))
+    report = Pipeline(recipe, out).run()
     stages = {s["type"]: s for s in report["stages"]}
     quantize = stages["quantize"]["metrics"]
     paths = {
@@ -169,19 +157,20 @@ def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> d
         "compress": out / "02-export" / "model.onnx",
         "onnxruntime": out / "ort_quantize_static.onnx",
     }
-    from compress.data import ImageFolderData
-
-    data = ImageFolderData(parse_recipe(recipe_for(arch, args)).data, args.seed)
+    data = ImageFolderData(recipe.data, args.seed)
     batches = calibration_batches(
         data.loader("train", train=False, batch_size=64), args.calibration_batches
     )
     ort_quantize_static(paths["fp32"], paths["onnxruntime"], batches)
     test = data.loader("test")
     top1 = {
-        k: evaluate(OnnxRuntimeModel(p, threads), test, data_device(), desc=k)["top1"]
+        k: evaluate(OnnxRuntimeModel(p, threads), test, torch.device("cpu"), desc=k)["top1"]
         for k, p in paths.items()
     }
-    p50 = {b: interleaved_p50(paths, b, args.rounds, threads) for b in (1, 32)}
+    settings = BenchSettings(
+        warmup=5, min_iters=20, min_duration_s=0.5, repeats=args.rounds, threads=threads
+    )
+    p50 = interleaved_p50(paths, [1, 32], settings)
     fp32_graph = onnx.load(str(paths["fp32"]))
     layers = {}
     for k in ("compress", "onnxruntime"):
@@ -207,12 +196,6 @@ def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> d
             "compress_ms_by_op_batch32": op_type_ms(paths["compress"], 32, threads),
         }
     return row
-
-
-def data_device():
-    import torch
-
-    return torch.device("cpu")
 
 
 def why(row: dict) -> str:
@@ -285,8 +268,8 @@ def main() -> None:
                 print(
                     f"{arch}: top-1 fp32 {row['top1']['fp32']:.1f} compress "
                     f"{row['top1']['compress']:.1f} ort {row['top1']['onnxruntime']:.1f}; "
-                    f"speed-up b1 {s['compress'][1]:.2f}x (ort {s['onnxruntime'][1]:.2f}x), "
-                    f"b32 {s['compress'][32]:.2f}x (ort {s['onnxruntime'][32]:.2f}x); "
+                    f"speed-up b1 {s['compress']['1']:.2f}x (ort {s['onnxruntime']['1']:.2f}x), "
+                    f"b32 {s['compress']['32']:.2f}x (ort {s['onnxruntime']['32']:.2f}x); "
                     f"INT8 layers {row['int8_layers']}; float groups {row['float_groups']}",
                     flush=True,
                 )

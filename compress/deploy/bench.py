@@ -274,21 +274,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def int8_speedup(
-    int8_path: Path | str,
-    float_path: Path | str,
+def interleaved_p50(
+    paths: dict[str, Path | str],
     batch_sizes: list[int],
     settings: BenchSettings,
     provider: str = "cpu",
-) -> dict[str, Any]:
-    """INT8 against FP32 on onnxruntime: p50 latencies timed interleaved, one timed run of each
-    model in turn `settings.repeats` times per batch size; each speed-up is a ratio of medians."""
-    fp32: dict[str, float] = {}
-    int8: dict[str, float] = {}
+) -> dict[str, dict[str, float]]:
+    """p50 ms of each model by batch size on onnxruntime, the models timed in alternation: per
+    batch size, `settings.repeats` rounds of one timed run of each model; the median of rounds."""
+    p50: dict[str, dict[str, float]] = {}
     for b in batch_sizes:
-        runs: dict[str, list[float]] = {"fp32": [], "int8": []}
+        runs: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(settings.repeats):
-            for kind, path in (("fp32", float_path), ("int8", int8_path)):
+            for name, path in paths.items():
                 result = bench_onnxruntime(
                     Path(path),
                     b,
@@ -299,13 +297,25 @@ def int8_speedup(
                     repeats=1,
                     provider=provider,
                 )
-                runs[kind].append(result["p50_ms"])
-        fp32[str(b)], int8[str(b)] = (statistics.median(runs[k]) for k in ("fp32", "int8"))
+                runs[name].append(result["p50_ms"])
+        p50[str(b)] = {name: statistics.median(v) for name, v in runs.items()}
+    return p50
+
+
+def int8_speedup(
+    int8_path: Path | str,
+    float_path: Path | str,
+    batch_sizes: list[int],
+    settings: BenchSettings,
+    provider: str = "cpu",
+) -> dict[str, Any]:
+    """INT8 against FP32 on onnxruntime (`interleaved_p50`); each speed-up a ratio of medians."""
+    p50 = interleaved_p50({"fp32": float_path, "int8": int8_path}, batch_sizes, settings, provider)
     return {
         "backend": "onnxruntime",
         "provider": provider,
         "threads": settings.threads or default_threads(),
-        "fp32_p50_ms": fp32,
-        "int8_p50_ms": int8,
-        "speedup": {b: fp32[b] / int8[b] for b in fp32},
+        "fp32_p50_ms": {b: t["fp32"] for b, t in p50.items()},
+        "int8_p50_ms": {b: t["int8"] for b, t in p50.items()},
+        "speedup": {b: t["fp32"] / t["int8"] for b, t in p50.items()},
     }
