@@ -83,7 +83,6 @@ class _ModuleStack:
 
     def __init__(self, model: nn.Module):
         self.stack: list[tuple[str, nn.Module]] = []
-        self.failed: tuple[str, nn.Module] | None = None
         self.handles = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
