@@ -63,8 +63,8 @@ def backends() -> list[tuple[str, str, dict]]:
 
 
 def calibration_images(n: int = 256) -> torch.Tensor:
+    from compress.config import DataConfig
     from compress.data import ImageFolderData
-    from compress.recipe import DataConfig
 
     data = ImageFolderData(
         DataConfig(root=require(SHARED / "data" / "cifar10"), test_limit_per_class=n // 10)

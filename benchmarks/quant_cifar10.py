@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import SHARED, require, save
+from compress.config import DataConfig
 from compress.data import ImageFolderData
 from compress.deploy.bench import bench_onnxruntime
 from compress.deploy.onnx_export import export_onnx
@@ -31,7 +32,7 @@ from compress.models import load_model
 from compress.pipeline import Pipeline
 from compress.quant.size import size_report
 from compress.quant.weights import WeightQuantizer
-from compress.recipe import DataConfig, parse_recipe
+from compress.recipe import parse_recipe
 
 
 def run_recipe(recipe: dict, out: Path) -> dict:

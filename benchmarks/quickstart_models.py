@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import REPO, SHARED, require, save
+from compress.config import DataConfig
 from compress.data import ImageFolderData
 from compress.deploy.bench import bench_onnxruntime
 from compress.deploy.onnx_export import export_onnx
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.models import create_model
-from compress.recipe import DataConfig
 
 
 def describe(name: str, model, data: ImageFolderData, batch_sizes, threads, tmp: Path) -> dict:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import SHARED, require, save
+from compress.config import DataConfig
 from compress.data import ImageFolderData
 from compress.models import ModelSpec, build_model
-from compress.recipe import DataConfig
 from compress.train.distributed import DistInfo
 from compress.train.loop import TrainingConfig, fit
 from compress.train.objectives import CrossEntropyObjective

@@ -174,10 +174,10 @@ def _cli_model(spec_text: str, weights: Path | None, num_classes: int | None):
 
 
 def cmd_eval(args) -> int:
+    from compress.config import DataConfig
     from compress.data import ImageFolderData
     from compress.evaluation import evaluate
     from compress.pipeline import resolve_device
-    from compress.recipe import DataConfig
 
     try:
         cfg = DataConfig.model_validate(

@@ -21,8 +21,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from compress.config import DataConfig
 from compress.errors import InputError
-from compress.recipe import DataConfig
 
 
 def decode_image(path: str, resize: int | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import nn
 
+from compress.config import ModelConfig
 from compress.data import ImageFolderData
 from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
@@ -32,7 +33,7 @@ from compress.models import (
     load_model,
     save_model,
 )
-from compress.recipe import ModelConfig, Recipe
+from compress.recipe import Recipe
 from compress.report import RunReport
 from compress.stages import STAGES, StageContext
 from compress.train.distributed import DistInfo, barrier, broadcast, init_distributed

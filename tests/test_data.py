@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from compress.config import DataConfig
 from compress.data import ImageFolderData
 from compress.errors import InputError
-from compress.recipe import DataConfig
 
 
 def _folder(root: Path, modes=("L", "RGBA", "P", "RGB"), per_class=5) -> Path:

@@ -142,10 +142,10 @@ def test_qdq_model_for_int8_engines_keeps_predictions(student, student_onnx, tmp
     import numpy as np
     import onnx
 
+    from compress.config import DataConfig
     from compress.data import ImageFolderData
     from compress.deploy.onnx_export import onnxruntime_session
     from compress.deploy.tensorrt import has_qdq
-    from compress.recipe import DataConfig
 
     data = ImageFolderData(DataConfig(root=cifar_root, test_limit_per_class=20))
     images = next(iter(data.loader("test", batch_size=200)))[0]

@@ -29,8 +29,8 @@ SIZE = (3, 32, 32)
 def resnet20(tmp_path_factory, tiny_image_folder):
     """cifar_resnet20 (random init, BatchNorm statistics from real images), its FP32 ONNX export
     and calibration batches of real images."""
+    from compress.config import DataConfig
     from compress.data import ImageFolderData
-    from compress.recipe import DataConfig
 
     torch.manual_seed(0)
     data = ImageFolderData(DataConfig(root=tiny_image_folder, augment="none", batch_size=16), 0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from compress.config import DataConfig
 from compress.data import ImageFolderData
 from compress.evaluation import evaluate
 from compress.io import read_json
@@ -15,7 +16,6 @@ from compress.quant.size import (
 )
 from compress.quant.uniform import bucketize, quantize_uniform
 from compress.quant.weights import WeightQuantizer, default_full_precision
-from compress.recipe import DataConfig
 from tests.conftest import run_cli, write_recipe
 
 

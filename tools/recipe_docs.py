@@ -39,7 +39,7 @@ This file is generated from the schema by `python tools/recipe_docs.py`; do not 
 
 def _type_name(annotation) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    for prefix in ("typing.", "pathlib.", "compress.recipe."):
+    for prefix in ("typing.", "pathlib.", "compress.recipe.", "compress.config."):
         text = text.replace(prefix, "")
     text = text.replace("NoneType", "null")
     text = re.sub(r"Annotated\[(\w+), Gt\(gt=(\d+)\)\]", r"\1 > \2", text)
@@ -70,7 +70,8 @@ def table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
 
 
 def render() -> str:
-    from compress.recipe import DataConfig, ModelConfig, Recipe
+    from compress.config import DataConfig, ModelConfig
+    from compress.recipe import Recipe
     from compress.stages import STAGES
 
     parts = [INTRO]

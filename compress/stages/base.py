@@ -11,11 +11,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.recipe import Recipe, StrictModel
+from compress.config import StrictModel
 
 if TYPE_CHECKING:
     from compress.data import ImageFolderData
     from compress.models import ModelSpec
+    from compress.recipe import Recipe
     from compress.train.distributed import DistInfo
 
 

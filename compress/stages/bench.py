@@ -7,10 +7,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
+from compress.config import StrictModel
 from compress.deploy.bench import BenchSettings, bench_sweep
 from compress.deploy.onnx_export import export_onnx
 from compress.errors import InputError
-from compress.recipe import StrictModel
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 
 

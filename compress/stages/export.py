@@ -14,6 +14,7 @@ from typing import Literal
 import onnx
 from pydantic import Field, PositiveInt, field_validator
 
+from compress.config import resolve_path
 from compress.deploy.bench import BenchSettings, int8_speedup
 from compress.deploy.onnx_export import (
     OnnxRuntimeModel,
@@ -26,7 +27,6 @@ from compress.evaluation import evaluate
 from compress.log import logger
 from compress.quant.int8 import INT8_OPSET, export_int8_onnx, is_int8
 from compress.quant.ort_int8 import OnnxInt8Model
-from compress.recipe import _resolve_path
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 
 
@@ -74,7 +74,7 @@ class ExportStage(StageConfig):
     )
     workspace_mb: int = Field(1024, gt=0, description="TensorRT builder workspace (MiB).")
 
-    _resolve_cache = field_validator("timing_cache", mode="before")(_resolve_path)
+    _resolve_cache = field_validator("timing_cache", mode="before")(resolve_path)
 
     def preflight_warnings(self) -> list[str]:
         from compress.deploy.tensorrt import tensorrt_warnings

@@ -21,12 +21,12 @@ import torch
 from pydantic import Field, field_validator
 from torch.utils.data import RandomSampler
 
+from compress.config import resolve_path
 from compress.errors import InputError, StageFailed
 from compress.evaluation import count_flops, count_params, evaluate
 from compress.io import atomic_path, read_json, write_json
 from compress.log import logger
 from compress.models import ModelSpec, load_model, save_model
-from compress.recipe import _resolve_path
 from compress.search.budget import cost_bounds
 from compress.search.loop import HISTORY_FILE, POLICY_FILE, PolicySearch, SearchSettings
 from compress.search.reward import compression, reward
@@ -116,7 +116,7 @@ class SearchStage(StageConfig):
         "for an inverted residual without a skip. Off: they stay (N2N keeps strided layers).",
     )
 
-    _resolve_warm = field_validator("warm_start", mode="before")(_resolve_path)
+    _resolve_warm = field_validator("warm_start", mode="before")(resolve_path)
 
     @field_validator("scales")
     @classmethod

@@ -8,9 +8,9 @@ import torch
 from pydantic import Field
 from tqdm import tqdm
 
+from compress.config import StrictModel
 from compress.errors import InputError
 from compress.io import atomic_path
-from compress.recipe import StrictModel
 from compress.stages.base import StageContext, StageResult
 from compress.train.hooks import TrainHooks
 from compress.train.loop import TrainingConfig, fit

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from compress.config import StrictModel
 from compress.evaluation import evaluate
 from compress.io import atomic_path, write_text
 from compress.log import logger
-from compress.recipe import StrictModel
 from compress.train.distributed import DistInfo, all_reduce_sum, average_gradients, barrier
 from compress.train.hooks import TrainHooks
 

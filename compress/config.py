@@ -1,0 +1,141 @@
+"""Recipe building blocks: strict config sections, recipe-relative paths, data and model sections.
+
+Everything here is below the recipe loader (`compress.recipe`) and the stages, so that data, training
+and stage modules can use these types without importing the loader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Before-validator: a relative path is taken from the recipe's folder (`base_dir` context)."""
+    base = (info.context or {}).get("base_dir")
+    if value is None or base is None:
+        return value
+    p = Path(os.path.expanduser(str(value)))
+    return p if p.is_absolute() else (Path(base) / p).resolve()
+
+
+def _is_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+RecipePath = Annotated[Path, BeforeValidator(resolve_path)]
+"""A path; relative ones are taken from the recipe's folder."""
+
+ExistingFile = Annotated[Path, BeforeValidator(resolve_path), AfterValidator(_is_file)]
+"""A path to a file that must exist; relative ones are taken from the recipe's folder."""
+
+
+class DataConfig(StrictModel):
+    """ImageFolder data: `root/train/<class>/*`, `root/test/<class>/*`, optional `root/val/`."""
+
+    root: RecipePath = Field(
+        description="Folder with train/ and test/ (and optionally val/) subfolders."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of train carved out as validation when no val/ exists."
+    )
+    limit_per_class: int | None = Field(
+        None, gt=0, description="Use at most this many train (and val/) images per class."
+    )
+    test_limit_per_class: int | None = Field(
+        None, gt=0, description="Use at most this many test images per class."
+    )
+    image_size: int | None = Field(
+        None, gt=0, description="Model input side; null keeps the images' own (square) size."
+    )
+    resize: int | None = Field(
+        None,
+        gt=0,
+        description="Shorter side after decoding; default image_size/0.875 for >= 64 px, else none.",
+    )
+    augment: Literal["none", "flip", "crop_flip", "random_resized_crop"] = Field(
+        "crop_flip",
+        description="Train augmentation (CIFAR: crop_flip; ImageNet: random_resized_crop).",
+    )
+    crop_padding: int = Field(4, ge=0, description="Padding for augment=crop_flip.")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Normalisation mean (RGB).")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Normalisation std (RGB).")
+    batch_size: int = Field(128, gt=0, description="Training batch size (per process).")
+    eval_batch_size: int = Field(256, gt=0, description="Evaluation batch size.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    cache_mb: int = Field(
+        4096, ge=0, description="Hold decoded images in memory when a split fits this budget (MiB)."
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"data folder not found: {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("every std value must be > 0")
+        return v
+
+
+class ModelConfig(StrictModel):
+    """A model: its spec, optional weights file, and keyword arguments for its builder."""
+
+    model: str = Field(
+        description="cifar_resnet{20,32,44,56,110}, timm:NAME, torchvision:NAME, or a saved model path."
+    )
+    weights: ExistingFile | None = Field(
+        None, description="Checkpoint to load (state dict or safetensors)."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Builder arguments, e.g. {num_classes: 10, img_size: 32}."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"model": v} if isinstance(v, str) else v
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _resolve_saved(cls, v: Any, info: ValidationInfo) -> Any:
+        from compress.models.registry import is_saved_model
+
+        if isinstance(v, str) and is_saved_model(v):
+            return str(resolve_path(v, info))
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from compress.models import check_spec
+
+        check_spec(v)
+        return v
