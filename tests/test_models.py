@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.config import DataConfig
 from compress.data import ImageFolderData
 from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
@@ -14,7 +15,6 @@ from compress.models import (
     load_weights,
     save_model,
 )
-from compress.recipe import DataConfig
 
 
 def test_pretrained_resnet56_reaches_its_known_accuracy(cifar_root, resnet56_weights):
@@ -82,3 +82,57 @@ def test_mismatched_weights_are_a_clear_error(resnet56_weights):
         load_weights(model, resnet56_weights)
     with pytest.raises(InputError, match="not found"):
         load_weights(model, Path("/nonexistent/w.th"))
+
+
+def test_a_spec_kind_registered_from_user_code_builds_saves_and_reloads(tmp_path: Path):
+    from torch import nn
+
+    from compress.models import create_model, load_model, save_model
+    from compress.models.registry import SPEC_KINDS, register_spec_kind
+
+    def check(name: str) -> None:
+        if not name.startswith("mlp"):
+            raise ValueError(f"unknown toy model '{name}'")
+
+    def build(spec):
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, spec.kwargs.get("num_classes", 2)))
+
+    register_spec_kind("toy:", check, build)
+    try:
+        model, spec = create_model("toy:mlp", num_classes=3)
+        assert model[1].out_features == 3
+        path = save_model(model, spec, tmp_path / "toy.safetensors")
+        reloaded, spec2 = load_model(path)
+        assert spec2 == spec and torch.equal(reloaded[1].weight, model[1].weight)
+        with pytest.raises(InputError, match="unknown toy model 'cnn'"):
+            create_model("toy:cnn")
+    finally:
+        del SPEC_KINDS["toy:"]
+    with pytest.raises(InputError, match="unknown model 'toy:mlp'"):
+        create_model("toy:mlp")
+
+
+def test_owned_spec_kinds_load_in_a_fresh_interpreter(tmp_path: Path):
+    """A searched or INT8 model reloads without its owner module imported first."""
+    import subprocess
+    import sys
+
+    from compress.models import ModelSpec, build_model, save_model
+    from compress.search.surgery import Candidate, build_candidate, candidate_spec
+    from compress.search.units import find_units
+
+    base, size = ModelSpec("cifar_resnet20", {"num_classes": 10}), (3, 32, 32)
+    teacher = build_model(base)
+    units = find_units(teacher, size)
+    candidate = Candidate.make([units[-1].name])
+    student = build_candidate(teacher, units, candidate, size)
+    spec = candidate_spec(base, student, units, candidate, size)
+    path = save_model(student, spec, tmp_path / "searched.safetensors")
+    code = (
+        "import sys; from compress.models import load_model; "
+        f"m, s = load_model({str(path)!r}); "
+        "assert 'compress.search.surgery' in sys.modules; print(s.name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "search:cifar_resnet20"

@@ -6,8 +6,10 @@ reloads with no pickled code.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,24 +61,71 @@ def is_saved_model(name: str) -> bool:
     return name.endswith(".safetensors") or "/" in name or os.sep in name or name.startswith(".")
 
 
+# ------------------------------------------------------------------ spec kinds, int8 routes, formats
+# Each kind of spec, INT8 route and coded weights format is registered by the module that owns it.
+# Kinds owned outside `compress.models` are imported on first use from the module named here, so the
+# model registry never imports the search or quantization packages that build on it.
+
+
+@dataclass(frozen=True)
+class SpecKind:
+    """A family of spec strings `PREFIX:NAME`: how to check a name and build a spec."""
+
+    prefix: str
+    check: Callable[[str], None]  # gets NAME; raises ValueError with a helpful message
+    build: Callable[[ModelSpec], nn.Module]
+
+
+SPEC_KINDS: dict[str, SpecKind] = {}
+INT8_ROUTES: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
+WEIGHT_FORMATS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {}
+_OWNERS = {
+    ("spec", "search:"): "compress.search.surgery",
+    ("int8", "brevitas"): "compress.quant.int8",
+    ("int8", "onnxruntime"): "compress.quant.ort_int8",
+    ("format", "compress.quantized_tensors"): "compress.quant.compact",
+}
+
+
+def register_spec_kind(
+    prefix: str, check: Callable[[str], None], build: Callable[[ModelSpec], nn.Module]
+) -> None:
+    """Make `PREFIX:NAME` specs buildable (`prefix` ends with ':')."""
+    SPEC_KINDS[prefix] = SpecKind(prefix, check, build)
+
+
+def register_int8_route(
+    route: str, build: Callable[[nn.Module, dict[str, Any]], nn.Module]
+) -> None:
+    """`build(float_model, spec.int8)` rebuilds an INT8 model of this route (weights loaded later)."""
+    INT8_ROUTES[route] = build
+
+
+def register_weight_format(
+    metadata_key: str, read: Callable[[Path], dict[str, torch.Tensor]]
+) -> None:
+    """A saved model whose metadata has `metadata_key` loads its state dict with `read(path)`."""
+    WEIGHT_FORMATS[metadata_key] = read
+
+
+def _owned(kind: str, key: str, table: dict[str, Any]) -> Any:
+    if key not in table and (kind, key) in _OWNERS:
+        importlib.import_module(_OWNERS[kind, key])  # the owner registers itself on import
+    return table.get(key)
+
+
+def _spec_kind(name: str) -> SpecKind | None:
+    prefix = name.split(":", 1)[0] + ":" if ":" in name else None
+    return _owned("spec", prefix, SPEC_KINDS) if prefix else None
+
+
 def check_spec(name: str) -> None:
     """Raise ValueError with a helpful message if `name` is not a model spec compress can build."""
     if name in CIFAR_NAMES:
         return
-    if name.startswith("search:"):  # a searched architecture: its base spec, then its surgery
-        return check_spec(name[7:])
-    if name.startswith("timm:"):
-        import timm
-
-        if not timm.is_model(name[5:]):
-            raise ValueError(f"unknown timm model '{name[5:]}' (see timm.list_models())")
-        return
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        if name[12:] not in torchvision.models.list_models():
-            raise ValueError(f"unknown torchvision model '{name[12:]}'")
-        return
+    kind = _spec_kind(name)
+    if kind is not None:
+        return kind.check(name[len(kind.prefix) :])
     if is_saved_model(name):
         if not Path(name).is_file():
             raise ValueError(f"saved model file not found: {name}")
@@ -87,39 +136,59 @@ def check_spec(name: str) -> None:
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the architecture `spec` names, with freshly initialised weights (never downloads)."""
     if spec.int8 is not None:
-        model = build_model(float_spec(spec))
-        if spec.int8.get("route") == "onnxruntime":  # its ONNX bytes come with the weights
-            from compress.quant.ort_int8 import OnnxInt8Model
-
-            return OnnxInt8Model(model)
-        from compress.quant.int8 import quantize_int8
-
-        return quantize_int8(model, spec.int8["target"], tuple(spec.int8["input_size"]))
-    name, kwargs = spec.name, dict(spec.kwargs)
+        route = spec.int8.get("route", "brevitas")
+        build_int8 = _owned("int8", route, INT8_ROUTES)
+        if build_int8 is None:
+            raise InputError(
+                f"{spec.name}: unknown INT8 route {route!r} (one of {sorted(INT8_ROUTES)})"
+            )
+        return build_int8(build_model(float_spec(spec)), spec.int8)
     try:
-        check_spec(name)
+        check_spec(spec.name)
     except ValueError as e:
         raise InputError(str(e)) from None
-    if name in CIFAR_NAMES:
-        return cifar_resnet(CIFAR_NAMES[name], **kwargs)
-    if name.startswith("search:"):
-        from compress.search.surgery import rebuild
+    if spec.name in CIFAR_NAMES:
+        return cifar_resnet(CIFAR_NAMES[spec.name], **spec.kwargs)
+    kind = _spec_kind(spec.name)
+    if kind is None:
+        raise InputError(f"{spec.name}: a saved model file, not an architecture (use create_model)")
+    return kind.build(spec)
 
-        return rebuild(spec)
-    if name.startswith("timm:"):
-        import timm
 
-        if kwargs.get("pretrained"):  # from timm's local cache only: never a download
-            overlay = {**kwargs.get("pretrained_cfg_overlay", {})}
-            overlay.setdefault("file", timm_cached_weights(name[5:]))
-            kwargs["pretrained_cfg_overlay"] = {**overlay, "source": "file"}
-        return timm.create_model(name[5:], **kwargs)
-    if name.startswith("torchvision:"):
-        import torchvision
+def _check_timm(name: str) -> None:
+    import timm
 
-        kwargs.setdefault("weights", None)
-        return torchvision.models.get_model(name[12:], **kwargs)
-    raise InputError(f"{name}: a saved model file, not an architecture (use create_model)")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model '{name}' (see timm.list_models())")
+
+
+def _build_timm(spec: ModelSpec) -> nn.Module:
+    import timm
+
+    name, kwargs = spec.name.removeprefix("timm:"), dict(spec.kwargs)
+    if kwargs.get("pretrained"):  # from timm's local cache only: never a download
+        overlay = {**kwargs.get("pretrained_cfg_overlay", {})}
+        overlay.setdefault("file", timm_cached_weights(name))
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "source": "file"}
+    return timm.create_model(name, **kwargs)
+
+
+def _check_torchvision(name: str) -> None:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"unknown torchvision model '{name}'")
+
+
+def _build_torchvision(spec: ModelSpec) -> nn.Module:
+    import torchvision
+
+    kwargs = {"weights": None, **spec.kwargs}
+    return torchvision.models.get_model(spec.name.removeprefix("torchvision:"), **kwargs)
+
+
+register_spec_kind("timm:", _check_timm, _build_timm)
+register_spec_kind("torchvision:", _check_torchvision, _build_torchvision)
 
 
 def timm_cached_weights(name: str) -> str:
@@ -244,10 +313,9 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
         raise InputError(f"{path}: no model spec in its metadata (was it saved by compress?)")
     spec = ModelSpec.from_dict(json.loads(meta[SPEC_METADATA_KEY]))
     model = build_model(spec)
-    from compress.quant.compact import CODES_METADATA_KEY, compact_state_dict
-
-    if CODES_METADATA_KEY in meta:  # a quantized model in coded form
-        model.load_state_dict(compact_state_dict(path))
+    coded = [key for key in meta if _owned("format", key, WEIGHT_FORMATS)]
+    if coded:  # e.g. a quantized model in coded form
+        model.load_state_dict(WEIGHT_FORMATS[coded[0]](path))
     else:
         load_weights(model, path)
     return model, spec

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.io import atomic_path
-from compress.models.registry import SPEC_METADATA_KEY, ModelSpec
+from compress.models.registry import SPEC_METADATA_KEY, ModelSpec, register_weight_format
 from compress.quant.uniform import Quantized
 
 CODES_METADATA_KEY = "compress.quantized_tensors"
@@ -95,3 +95,6 @@ def compact_state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
         state[name] = q.dequantize()
     return state
+
+
+register_weight_format(CODES_METADATA_KEY, compact_state_dict)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
+from compress.models.registry import register_int8_route
 
 Int8Target = Literal["onnxruntime", "tensorrt"]
 INT8_OPSET = 13
@@ -244,3 +245,9 @@ def export_int8_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, i
             ),
         )
     return path
+
+
+register_int8_route(
+    "brevitas",
+    lambda model, int8: quantize_int8(model, int8["target"], tuple(int8["input_size"])),
+)

@@ -36,6 +36,7 @@ from torch import nn
 
 from compress.errors import InputError
 from compress.log import logger
+from compress.models.registry import register_int8_route
 
 Placement = Literal["all", "measured"]
 # Op groups the measured placement may leave in float, tried in this order.
@@ -414,3 +415,6 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
         if data
         else torch.zeros(0, dtype=torch.uint8)
     )
+
+
+register_int8_route("onnxruntime", lambda model, int8: OnnxInt8Model(model))

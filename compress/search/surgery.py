@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.models.registry import ModelSpec, build_model
+from compress.models.registry import ModelSpec, build_model, check_spec, register_spec_kind
 from compress.search.units import (
     Unit,
     block_channels,
@@ -368,3 +368,6 @@ def rebuild(spec: ModelSpec) -> nn.Module:
     remove_units(model, kw["removed"], tuple(kw["input_size"]), by_importance=False)
     shrink(model, kw["channels"], tuple(kw["input_size"]), by_importance=False)
     return model
+
+
+register_spec_kind(SPEC_PREFIX, check_spec, rebuild)  # search:BASE checks as its base spec
