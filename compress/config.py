@@ -7,6 +7,7 @@ and stage modules can use these types without importing the loader.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -139,3 +141,96 @@ class ModelConfig(StrictModel):
 
         check_spec(v)
         return v
+
+
+class TrackingConfig(StrictModel):
+    """Experiment tracking: the training stages' loss, learning rate and epoch metrics also go to
+    TensorBoard (`<run>/tensorboard/<stage folder>/`) and/or MLflow. Both are off by default and
+    each needs its extra: `pip install 'compress[tensorboard]'`, `pip install 'compress[mlflow]'`."""
+
+    tensorboard: bool = Field(
+        False, description="Write TensorBoard event files to `<run>/tensorboard/<stage folder>/`."
+    )
+    mlflow: bool = Field(
+        False, description="Log to MLflow: one run per compress run, a nested run per stage."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server or store; null: `sqlite:///<run>/mlflow/mlflow.db` "
+        "in the run folder.",
+    )
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment name; null: the recipe's `name`."
+    )
+    log_every_steps: int = Field(
+        10,
+        gt=0,
+        description="Log the training loss and learning rate every this many optimiser steps "
+        "(the epoch metrics after every epoch).",
+    )
+
+    @field_validator("mlflow_tracking_uri", "mlflow_experiment", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if v == "" else v  # `${MLFLOW_TRACKING_URI:-}` with the variable unset
+
+    @field_validator("tensorboard", "mlflow")
+    @classmethod
+    def _installed(cls, v: bool, info: ValidationInfo) -> bool:
+        from compress.train.tracking import missing_package
+
+        problem = missing_package(info.field_name) if v else None
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "recipe"
+
+
+UNKNOWN_KEY = "unknown key (see recipes/README.md for the fields this section takes)"
+
+
+def _message(err: dict[str, Any], unknown: str = UNKNOWN_KEY) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    bounds = {
+        "greater_than": "> {gt}",
+        "greater_than_equal": ">= {ge}",
+        "less_than": "< {lt}",
+        "less_than_equal": "<= {le}",
+    }
+    if kind in bounds:
+        return "must be " + bounds[kind].format(**ctx) + f" (got {err.get('input')!r})"
+    if kind == "extra_forbidden":
+        return unknown
+    if kind == "missing":
+        return "required field is missing"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        msg += f" (got {err.get('input')!r})"
+    return msg
+
+
+def validation_problems(
+    e: ValidationError,
+    prefix: tuple[Any, ...] = (),
+    rename: Callable[[str], str] = str,
+    unknown: str = UNKNOWN_KEY,
+) -> list[str]:
+    """Each error of a pydantic validation as `field.path: problem`, under `prefix`."""
+    lines = []
+    for err in e.errors():
+        loc = prefix + tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        lines.append(f"{rename(format_loc(loc))}: {_message(err, unknown)}")
+    return lines

@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either absent, the old version, or the complete new version."""
+"""File reading and atomic writes: a written file is either absent, the old version, or the complete
+new version."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from compress.errors import InputError
 
 
 @contextlib.contextmanager
@@ -59,3 +62,14 @@ def content_digest(path: Path | str) -> str:
     """SHA-256 of a file's bytes, read once per process while its size and mtime stay the same."""
     st = Path(path).stat()
     return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def read_yaml(path: Path | str) -> Any:
+    """A YAML file's content (safe loader); InputError naming the file when it is not valid YAML."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None

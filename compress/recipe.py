@@ -19,8 +19,15 @@ from pydantic import (
     model_validator,
 )
 
-from compress.config import DataConfig, ModelConfig, StrictModel
+from compress.config import (
+    DataConfig,
+    ModelConfig,
+    StrictModel,
+    TrackingConfig,
+    validation_problems,
+)
 from compress.errors import InputError
+from compress.io import read_yaml
 
 
 class Recipe(StrictModel):
@@ -39,6 +46,11 @@ class Recipe(StrictModel):
         None, description="Model the stages start from; default: the teacher's architecture."
     )
     stages: list[Any] = Field(min_length=1, description="Ordered list of stages (see below).")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking, off by default: `{tensorboard, mlflow, mlflow_tracking_uri, "
+        "mlflow_experiment, log_every_steps}` (docs/runs.md, Tracking experiments).",
+    )
 
     @model_validator(mode="after")
     def _needs_a_model(self) -> Recipe:
@@ -125,45 +137,6 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise InputError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping or list")
 
 
-def format_loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "recipe"
-
-
-def _message(err: dict[str, Any]) -> str:
-    kind, ctx = err["type"], err.get("ctx", {})
-    bounds = {
-        "greater_than": "> {gt}",
-        "greater_than_equal": ">= {ge}",
-        "less_than": "< {lt}",
-        "less_than_equal": "<= {le}",
-    }
-    if kind in bounds:
-        return "must be " + bounds[kind].format(**ctx) + f" (got {err.get('input')!r})"
-    if kind == "extra_forbidden":
-        return "unknown key (see recipes/README.md for the fields this section takes)"
-    if kind == "missing":
-        return "required field is missing"
-    msg = err["msg"]
-    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        msg += f" (got {err.get('input')!r})"
-    return msg
-
-
-def _errors(e: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
-    lines = []
-    for err in e.errors():
-        loc = prefix + tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        lines.append(f"{format_loc(loc)}: {_message(err)}")
-    return lines
-
-
 def parse_recipe(raw: Any, base_dir: Path | str = ".") -> Recipe:
     """Validate a raw recipe mapping; raise InputError listing every problem with its field path."""
     from compress.stages import STAGES
@@ -189,12 +162,12 @@ def parse_recipe(raw: Any, base_dir: Path | str = ".") -> Recipe:
             try:
                 stages.append(STAGES[entry["type"]].config.model_validate(entry, context=context))
             except ValidationError as e:
-                problems.extend(_errors(e, ("stages", i)))
+                problems.extend(validation_problems(e, ("stages", i)))
         raw = {**raw, "stages": stages if not problems else raw_stages}
     try:
         recipe = Recipe.model_validate(raw, context=context)
     except ValidationError as e:
-        problems = _errors(e) + problems
+        problems = validation_problems(e) + problems
         recipe = None
     if problems:
         raise InputError("invalid recipe:\n  " + "\n  ".join(problems))
@@ -207,10 +180,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise InputError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({e})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping at the top level (name, data, stages, ...)")
     for assignment in overrides:

@@ -14,8 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compress.deploy.bench import BenchSettings, check_model_file, input_shape_for, timed_runs
-from compress.deploy.trtexec import check_precision
+from pydantic import Field
+
+from compress.deploy.timing import (
+    DEFAULT_PRECISION,
+    Backend,
+    BenchSettings,
+    Precision,
+    check_model_file,
+    check_precision,
+    input_shape_for,
+    timed_runs,
+)
 from compress.errors import InputError, StageFailed
 from compress.io import atomic_path, file_sha256, read_json, write_json
 
@@ -27,6 +37,15 @@ STILL_WORKS = (
 
 class TensorRTUnavailable(StageFailed):
     """TensorRT or a CUDA device is missing."""
+
+
+class TensorRTOptions(BenchSettings):
+    """Options of the tensorrt backend (the TensorRT Python API on this machine's GPU)."""
+
+    precision: Precision = None
+    timing_cache: Path | None = Field(
+        None, description="Timing cache file for an engine built from ONNX (read, then updated)."
+    )
 
 
 def tensorrt_warnings(what: str) -> list[str]:
@@ -216,24 +235,24 @@ def _torch_dtype(trt, dtype):
 
 
 def bench_tensorrt(
-    path: Path | str,
-    batch_size: int,
-    settings: BenchSettings,
-    precision: str = "fp32",
-    timing_cache: Path | str | None = None,
+    path: Path | str, batch_size: int, options: TensorRTOptions | None = None
 ) -> dict[str, Any]:
     """Time an engine (a `.engine`/`.plan` file, or an ONNX model built first at `precision`).
 
     Headline statistics: CUDA-event time of `execute_async_v3` (GPU work of one enqueue, inputs
     already on the device). `e2e_*`: host wall clock with the H2D and D2H copies from pinned memory.
     """
+    options = options or TensorRTOptions()
+    precision = options.precision or DEFAULT_PRECISION
     path = check_model_file(path)
     trt = import_tensorrt()
     import torch
 
     if path.suffix == ".onnx":
         engine_path = path.with_name(f"{path.stem}.{precision}.engine")
-        meta = build_engine(path, engine_path, precision, [batch_size], timing_cache=timing_cache)
+        meta = build_engine(
+            path, engine_path, precision, [batch_size], timing_cache=options.timing_cache
+        )
     else:
         engine_path = path
         meta_path = engine_metadata_path(path)
@@ -284,15 +303,15 @@ def bench_tensorrt(
                     host[n].copy_(device[n], non_blocking=True)
         stream.synchronize()
 
-    compute = timed_runs(enqueue, settings, batch_size, self_timed=True)
-    e2e = timed_runs(end_to_end, settings, batch_size)
+    compute = timed_runs(enqueue, options, batch_size, self_timed=True)
+    e2e = timed_runs(end_to_end, options, batch_size)
     return {
         "backend": "tensorrt",
         "precision": meta.get("precision", precision),
         "batch_size": batch_size,
         "input_shape": shape,
         "timed": "CUDA events around execute_async_v3 (GPU work of one enqueue, no host copies)",
-        "flags": {**settings.__dict__, "engine": str(engine_path)},
+        "flags": {**options.timing(), "engine": str(engine_path)},
         "device": torch.cuda.get_device_name(),
         "tensorrt_version": trt.__version__,
         "engine_metadata": meta,
@@ -300,3 +319,14 @@ def bench_tensorrt(
         **{f"e2e_{k}": e2e[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips")},
         "e2e_timed": "host wall clock: H2D copy + execute_async_v3 + D2H copy + stream sync",
     }
+
+
+def run_tensorrt(
+    path: Path, batch_sizes: list[int], options: TensorRTOptions
+) -> list[dict[str, Any]]:
+    return [bench_tensorrt(path, b, options) for b in batch_sizes]
+
+
+BACKEND = Backend(
+    "tensorrt", TensorRTOptions, run_tensorrt, "TensorRT Python API on this machine's GPU"
+)

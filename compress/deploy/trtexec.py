@@ -16,8 +16,32 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compress.deploy.bench import BenchSettings, check_model_file, summarize_repeats
-from compress.errors import InputError, StageFailed
+from pydantic import Field
+
+from compress.deploy.timing import (
+    DEFAULT_PRECISION,
+    Backend,
+    BenchSettings,
+    Precision,
+    TimeoutS,
+    check_model_file,
+    check_precision,
+    input_shape_for,
+    summarize_repeats,
+)
+from compress.errors import StageFailed
+
+
+class TrtexecOptions(BenchSettings):
+    """Options of the trtexec backend (this machine's trtexec)."""
+
+    precision: Precision = None
+    trtexec: str | None = Field(
+        None, description="trtexec executable (default: PATH, then /usr/src/tensorrt/bin)."
+    )
+    transfers: bool = Field(False, description="Time the host/device copies too.")
+    timeout_s: TimeoutS = 1800
+
 
 _VERSION = re.compile(r"\[TensorRT v(\d+)\]")
 _STAT = re.compile(r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=\s*([-\d.eE+]+)\s*ms")
@@ -194,19 +218,14 @@ def onnx_input(path: Path) -> tuple[str, list[Any]]:
 
 
 def bench_trtexec(
-    path: Path | str,
-    batch_size: int,
-    settings: BenchSettings,
-    precision: str = "fp32",
-    trtexec: str | None = None,
-    transfers: bool = False,
-    timeout_s: float = 1800,
+    path: Path | str, batch_size: int, options: TrtexecOptions | None = None
 ) -> dict[str, Any]:
     """Build an engine from the ONNX model with the local trtexec, then time it."""
-    from compress.deploy.bench import input_shape_for
-
+    options = options or TrtexecOptions()
+    precision = check_precision(options.precision or DEFAULT_PRECISION)
+    transfers, timeout_s = options.transfers, options.timeout_s
     path = check_model_file(path)
-    exe = trtexec or find_trtexec()
+    exe = options.trtexec or find_trtexec()
     if exe is None:
         raise StageFailed(
             "trtexec not found on PATH or in /usr/src/tensorrt/bin: install TensorRT, or bench "
@@ -221,9 +240,9 @@ def bench_trtexec(
         build = build_flags(major, str(path), engine, precision, name, shape, shape, shape)
         _run([exe, *build], timeout_s)
         times, summaries, flags = [], [], []
-        for i in range(settings.repeats):
+        for i in range(options.repeats):
             times_path = str(Path(tmp) / f"times{i}.json")
-            flags = run_flags(major, engine, name, shape, settings, times_path, transfers)
+            flags = run_flags(major, engine, name, shape, options, times_path, transfers)
             summaries.append(parse_summary(_run([exe, *flags], timeout_s)))
             times.append(parse_times(Path(times_path).read_text()))
     return result_from_times(
@@ -236,13 +255,16 @@ def bench_trtexec(
         input_shape=shape,
         timed="trtexec latencyMs per iteration"
         + (" (H2D + compute + D2H)" if transfers else " (GPU compute, no host copies)"),
-        flags={"build": build, "run": flags, "repeats": settings.repeats},
+        flags={"build": build, "run": flags, "repeats": options.repeats},
         tensorrt_version=version,
         device="local GPU",
     )
 
 
-def check_precision(precision: str) -> str:
-    if precision not in ("fp32", "fp16", "int8"):
-        raise InputError(f"precision {precision!r}: expected fp32, fp16 or int8")
-    return precision
+def run_trtexec(
+    path: Path, batch_sizes: list[int], options: TrtexecOptions
+) -> list[dict[str, Any]]:
+    return [bench_trtexec(path, b, options) for b in batch_sizes]
+
+
+BACKEND = Backend("trtexec", TrtexecOptions, run_trtexec, "trtexec on this machine's GPU")

@@ -251,8 +251,8 @@ def paired_latency_ratio(
     """p50 latency of `other` over `base` on onnxruntime CPU, the mean over `batch_sizes`; the
     two are timed in alternation, so load on the machine affects both alike, with worker threads
     that do not spin between runs (else the idle session's threads slow the timed one)."""
-    from compress.deploy.bench import default_threads, time_calls
     from compress.deploy.onnx_export import onnxruntime_session
+    from compress.deploy.timing import default_threads, time_calls
 
     threads = threads or default_threads()
     sessions = [onnxruntime_session(p, threads, spinning=False) for p in (base, other)]

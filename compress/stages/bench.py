@@ -5,33 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, ValidationError, model_validator
 
-from compress.config import StrictModel
-from compress.deploy.bench import BenchSettings, bench_sweep
+from compress.deploy.backends import bench, get_backend
 from compress.deploy.onnx_export import export_onnx
+from compress.deploy.onnxruntime_backend import Provider
+from compress.deploy.remote import SSHDevice
+from compress.deploy.timing import BenchSettings, Precision, describe_errors
 from compress.errors import InputError
+from compress.markdown import table
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
 
 
-class SSHConfig(StrictModel):
-    """A remote device for `backend: ssh`; unset values come from `~/.ssh/config`."""
-
-    host: str = Field(description="Host name or ~/.ssh/config alias.")
-    user: str | None = Field(None, description="Login user.")
-    port: int | None = Field(None, gt=0, lt=65536, description="SSH port.")
-    identity_file: str | None = Field(None, description="Private key file (no passwords are used).")
-    known_hosts: str | None = Field(None, description="known_hosts file; host keys are checked.")
-    remote_python: str = Field("python3", description="Remote interpreter that has compress.")
-    remote_backend: Literal["auto", "compress", "trtexec"] = Field(
-        "auto", description="auto: compress bench when installed there, else trtexec."
-    )
-    device_profile: str | None = Field(
-        None, description="Jetson profile (orin_nano_jp6, orin_nx_jp6, agx_orin_jp6, agx_orin_jp7)."
-    )
-
-
-class BenchStage(StageConfig):
+class BenchStage(BenchSettings, StageConfig):
     """Time the latest exported model (and the teacher, for comparison) at each batch size."""
 
     type: Literal["bench"] = "bench"
@@ -39,28 +25,27 @@ class BenchStage(StageConfig):
     backend: Literal["onnxruntime", "tensorrt", "trtexec", "ssh"] = Field(
         "onnxruntime", description="Inference runtime (tensorrt/trtexec need a local GPU)."
     )
-    provider: Literal["cpu", "cuda"] = Field("cpu", description="onnxruntime execution provider.")
-    precision: Literal["fp32", "fp16", "int8"] = Field(
-        "fp32", description="tensorrt/trtexec/ssh engine precision."
-    )
-    ssh: SSHConfig | None = Field(None, description="Remote device (backend ssh).")
+    provider: Provider = "cpu"
+    precision: Precision = None
+    ssh: SSHDevice | None = Field(None, description="Remote device (backend ssh).")
     batch_sizes: list[PositiveInt] = Field([1], min_length=1, description="Batch sizes to time.")
     single_stream: bool = Field(
         False, description="MLPerf-SingleStream-like: batch 1 only, report the 90th percentile."
     )
-    threads: int | None = Field(None, gt=0, description="Intra-op threads (default: all CPUs).")
-    warmup: int = Field(10, ge=0, description="Untimed runs first.")
-    min_iters: int = Field(100, gt=0, description="At least this many timed runs ...")
-    min_duration_s: float = Field(2.0, ge=0, description="... and at least this many seconds ...")
-    repeats: int = Field(3, gt=0, description="... per run; each statistic is the median of runs.")
     teacher: bool = Field(
         True, description="Also export and time the teacher, for the report's latency ratio."
     )
 
     @model_validator(mode="after")
-    def _ssh_needs_host(self) -> BenchStage:
+    def _check_options(self) -> BenchStage:
         if self.backend == "ssh" and self.ssh is None:
             raise ValueError("backend ssh needs `ssh: {host: ...}`")
+        try:
+            self.options()
+        except ValidationError as e:
+            raise ValueError(describe_errors(e)) from None
+        except InputError as e:
+            raise ValueError(str(e)) from None
         return self
 
     def preflight_warnings(self) -> list[str]:
@@ -68,27 +53,43 @@ class BenchStage(StageConfig):
 
         return tensorrt_warnings("bench backend") if self.backend == "tensorrt" else []
 
-    def options(self) -> dict[str, Any]:
-        if self.backend == "onnxruntime":
-            return {"provider": self.provider}
-        if self.backend == "ssh":
-            assert self.ssh is not None
-            return {**self.ssh.model_dump(), "precision": self.precision}
-        return {"precision": self.precision}
-
-    def settings(self) -> BenchSettings:
-        return BenchSettings(
-            self.warmup, self.min_iters, self.min_duration_s, self.repeats, self.threads
-        )
+    def options(self) -> BenchSettings:
+        """The backend's options model from the fields this stage sets; a device profile
+        (`ssh.device_profile`) supplies the timing settings and precision it leaves unset."""
+        model = get_backend(self.backend).options
+        given = {k: getattr(self, k) for k in self.model_fields_set if k in model.model_fields}
+        if self.ssh is not None and self.backend == "ssh":
+            given.update(self.ssh.model_dump(exclude_unset=True))
+        return model.model_validate(given)
 
 
 def _bench_all(path: str | Path, cfg: BenchStage) -> list[dict]:
-    return bench_sweep(
-        cfg.backend, path, cfg.batch_sizes, cfg.settings(), cfg.options(), cfg.single_stream
-    )
+    return bench(path, cfg.backend, cfg.options(), cfg.batch_sizes, cfg.single_stream)
 
 
-@register_stage("bench", BenchStage)
+def report_section(
+    report: dict[str, Any], entries: list[dict[str, Any]], run_dir: Path
+) -> list[str]:
+    """report.md's Latency section: one row per model, backend and batch size benched."""
+    rows = [
+        [
+            m["name"],
+            r["backend"],
+            r["batch_size"],
+            r["threads"],
+            *(f"{r[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
+            f"{r['throughput_ips']:.1f}",
+        ]
+        for m in report["models"]
+        for r in m.get("latency", [])
+    ]
+    if not rows:
+        return []
+    headers = ["model", "backend", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "mean ms"]
+    return ["## Latency", "", *table([*headers, "std ms", "images/s"], rows), ""]
+
+
+@register_stage("bench", BenchStage, report_section=report_section)
 def run(ctx: StageContext, cfg: BenchStage) -> StageResult:
     onnx_path = ctx.artifacts.get("onnx")
     if onnx_path is None:

@@ -15,13 +15,14 @@ import onnx
 from pydantic import Field, PositiveInt, field_validator
 
 from compress.config import resolve_path
-from compress.deploy.bench import BenchSettings, int8_speedup
 from compress.deploy.onnx_export import (
     OnnxRuntimeModel,
     check_parity,
     checked_onnx_file,
     export_onnx,
 )
+from compress.deploy.onnxruntime_backend import int8_speedup
+from compress.deploy.timing import BenchSettings
 from compress.errors import StageFailed
 from compress.evaluation import evaluate
 from compress.log import logger

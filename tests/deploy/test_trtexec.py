@@ -1,4 +1,4 @@
-"""trtexec output parsing on real logs (tests/data/trtexec/README.md names the sources), its
+"""trtexec output parsing on real logs (tests/deploy/data/trtexec/README.md names the sources), its
 version-aware command lines, and tegrastats power parsing."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compress.deploy.bench import BenchSettings
-from compress.deploy.ssh import add_energy, parse_tegrastats
+from compress.deploy.jetson import add_energy, parse_tegrastats
+from compress.deploy.timing import BenchSettings
 from compress.deploy.trtexec import (
     build_flags,
     parse_summary,

@@ -3,6 +3,8 @@
 The server runs as the current user on a free port with a throwaway host key, client key and
 known_hosts file; the client reaches it through an alias in a generated ssh config file. The
 remote side runs `compress bench --backend onnxruntime` from this checkout (`remote_python`).
+Its PATH starts with a folder holding stand-ins for `sudo` and `jetson_clocks`: jetson_clocks
+succeeds only while the file `clocks_ok` exists in the server's folder.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def _keygen(path: Path) -> None:
     )
 
 
+def _script(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     """A running sshd on 127.0.0.1 and an ssh config whose alias `device` points at it."""
@@ -46,12 +53,20 @@ def sshd(tmp_path_factory):
     _keygen(d / "host_key")
     _keygen(d / "id")
     (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    bin_dir = d / "bin"
+    bin_dir.mkdir()
+    _script(bin_dir / "sudo", '[ "$1" = -n ] && shift; exec "$@"')
+    _script(
+        bin_dir / "jetson_clocks",
+        f'[ -e {d}/clocks_ok ] && exit 0; echo "jetson_clocks: cannot set clocks" >&2; exit 1',
+    )
     port = _free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
         "PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+        f"SetEnv PATH={bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
@@ -132,6 +147,7 @@ def test_ssh_bench_runs_remote_compress_through_a_config_alias(sshd, onnx_with_e
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0
         assert r["iterations"] >= 20 and r["flags"]["repeats"] == 2
         assert "compress" in r["device_info"] and "energy_per_inference_mj" not in r
+        assert r["clocks_locked"] is None  # not asked for: not tried
     assert _remote_temp_dirs() == before  # the remote temporary folder was removed
 
 
@@ -163,3 +179,28 @@ def test_ssh_bench_refuses_an_unknown_host_key(sshd, onnx_with_external_data, tm
     )  # fmt: skip
     assert result.returncode == 1
     assert "host key not known or changed" in result.stderr
+
+
+def test_ssh_bench_locks_the_clocks_and_records_whether_it_could(sshd, onnx_with_external_data):
+    """A device profile asks for jetson_clocks (and sets long timings, which the flags override);
+    `sudo -n jetson_clocks` failing gives a warning and `clocks_locked: false`, not a failure."""
+    args = [
+        "bench", str(onnx_with_external_data), "--backend", "ssh", "--host", "device",
+        "--ssh-config", sshd["config"], "--remote-python", REMOTE_PYTHON, *QUICK, "--json",
+    ]  # fmt: skip
+    result = run_cli(*args, "--device-profile", "orin_nano_jp6", timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["clocks_locked"] is False and r["device_profile"] == "orin_nano_jp6"
+    assert "clocks not locked, `sudo -n jetson_clocks` failed" in result.stderr
+    assert "jetson_clocks: cannot set clocks" in result.stderr
+    assert r["flags"]["repeats"] == 2 and r["min_iters"] == 10  # the flags win over the profile
+    (sshd["dir"] / "clocks_ok").touch()
+    try:
+        result = run_cli(*args, "--jetson-clocks", timeout=300)
+    finally:
+        (sshd["dir"] / "clocks_ok").unlink()
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["clocks_locked"] is True and r["device_profile"] is None
+    assert "clocks not locked" not in result.stderr

@@ -1,0 +1,193 @@
+"""Latency measurement: the one place that computes latency statistics, for every backend.
+
+Every backend (one module each: onnxruntime_backend, tensorrt, trtexec, remote) returns the same
+fields (`COMMON_FIELDS`) plus its own, and records what was timed and with which flags.
+Methodology: warm-up, then `repeats` timed runs of at least `min_iters` calls and at least
+`min_duration_s` seconds each; every statistic is the median over the runs.
+
+This module imports no backend; each backend describes itself with a `Backend` that the registry
+(`compress.deploy.backends`) collects.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import Field, ValidationError
+
+from compress.config import StrictModel, validation_problems
+from compress.errors import InputError
+
+STAT_KEYS = (
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "mean_ms",
+    "std_ms",
+    "cv",
+    "min_ms",
+    "max_ms",
+    "throughput_ips",
+)
+COMMON_FIELDS = frozenset(
+    {"backend", "batch_size", "input_shape", "timed", "flags", "precision", "device", "iterations"}
+    | set(STAT_KEYS)
+)
+TIMING_FIELDS = ("warmup", "min_iters", "min_duration_s", "repeats", "threads")
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISION = "fp32"
+
+Precision = Annotated[
+    Literal["fp32", "fp16", "int8"] | None,
+    Field(description="Engine precision (default: the device profile's, else fp32)."),
+]
+
+TimeoutS = Annotated[
+    float, Field(gt=0, description="Seconds one command (a build, a timed run) may take.")
+]
+
+
+class BenchSettings(StrictModel):
+    """How long and how often to time; recorded in every result as `flags`. Every backend's
+    options model extends it."""
+
+    warmup: int = Field(
+        10, ge=0, description="Untimed calls before timing (trtexec: milliseconds, at least 200)."
+    )
+    min_iters: int = Field(100, gt=0, description="Timed calls per run, at least.")
+    min_duration_s: float = Field(2.0, ge=0, description="Seconds per timed run, at least.")
+    repeats: int = Field(3, gt=0, description="Timed runs; each statistic is the median over them.")
+    threads: int | None = Field(None, gt=0, description="Intra-op threads (default: all CPUs).")
+
+    def timing(self) -> dict[str, Any]:
+        """The timing settings alone (what results record as `flags`)."""
+        return {name: getattr(self, name) for name in TIMING_FIELDS}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A bench backend: its name, its options model and the function that runs it.
+
+    `run(model_path, batch_sizes, options)` returns one result per batch size.
+    """
+
+    name: str
+    options: type[BenchSettings]
+    run: Callable[[Path, list[int], Any], list[dict[str, Any]]]
+    summary: str = ""
+
+
+def describe_errors(e: ValidationError, flag: Callable[[str], str] = str) -> str:
+    """A pydantic error as `field: problem; ...`; `flag` renames fields (e.g. to CLI flags)."""
+    return "; ".join(validation_problems(e, rename=flag, unknown="unknown field"))
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}: expected fp32, fp16 or int8")
+    return precision
+
+
+def summarize(times_s: list[float], batch_size: int) -> dict[str, float]:
+    """Latency statistics in milliseconds and throughput in images per second."""
+    ms = np.asarray(times_s) * 1e3
+    mean = float(ms.mean())
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": mean,
+        "std_ms": float(ms.std()),
+        "cv": float(ms.std() / mean) if mean > 0 else 0.0,
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "iterations": int(ms.size),
+        "throughput_ips": batch_size * 1e3 / mean if mean > 0 else 0.0,
+    }
+
+
+def time_calls(
+    fn: Callable[[], Any],
+    warmup: int,
+    min_iters: int,
+    min_duration_s: float,
+    self_timed: bool = False,
+) -> list[float]:
+    """Seconds per call of `fn`: host wall clock, or what `fn` returns when `self_timed`
+    (e.g. CUDA-event time of the enqueued work)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_duration_s:
+        t0 = time.perf_counter()
+        measured = fn()
+        times.append(float(measured) if self_timed else time.perf_counter() - t0)
+    return times
+
+
+def summarize_repeats(runs: list[list[float]], batch_size: int) -> dict[str, Any]:
+    """Each statistic as the median over repeated runs, with the runs' p50s and their spread."""
+    per_run = [summarize(times, batch_size) for times in runs]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in per_run) for k in STAT_KEYS}
+    p50s = [r["p50_ms"] for r in per_run]
+    out.update(
+        iterations=sum(r["iterations"] for r in per_run),
+        repeats=len(runs),
+        run_p50_ms=p50s,
+        run_p50_spread=(max(p50s) - min(p50s)) / out["p50_ms"] if out["p50_ms"] > 0 else 0.0,
+    )
+    return out
+
+
+def timed_runs(
+    fn: Callable[[], Any], settings: BenchSettings, batch_size: int, self_timed: bool = False
+) -> dict[str, Any]:
+    """Warm up once, time `settings.repeats` runs of `fn`, and summarise them."""
+    runs = [
+        time_calls(
+            fn,
+            settings.warmup if i == 0 else 0,
+            settings.min_iters,
+            settings.min_duration_s,
+            self_timed,
+        )
+        for i in range(settings.repeats)
+    ]
+    return summarize_repeats(runs, batch_size)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def input_shape_for(path: Path, shape: list[Any], batch_size: int) -> list[int]:
+    """The model's input shape at `batch_size`; symbolic non-batch dims become 1."""
+    if isinstance(shape[0], int) and shape[0] > 0 and shape[0] != batch_size:
+        raise InputError(f"{path}: fixed batch size {shape[0]}; cannot bench batch {batch_size}")
+    return [batch_size] + [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
+
+
+def check_model_file(path: Path | str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}")
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
