@@ -5,17 +5,15 @@ update so a killed search resumes where it stopped."""
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from compress.io import atomic_path, write_text
+from compress.io import atomic_path
 from compress.log import logger
 from compress.search.budget import CostBound, shrink_mask
 from compress.search.policies import (
@@ -25,35 +23,31 @@ from compress.search.policies import (
     ShrinkPolicy,
     reinforce_step,
 )
+from compress.search.records import (
+    HISTORY_FILE,
+    STATE_FILE,
+    CandidateRecord,
+    Evaluation,
+    RemovalResult,
+    SearchState,
+    UpdateSummary,
+    read_history,
+    write_history,
+)
 from compress.search.reward import INVALID, constrained_reward
+from compress.search.settings import SearchSettings
 from compress.search.surgery import Candidate
 from compress.search.units import FEATURES, SUPPORTED, Unit, feature_matrix
 
-STATE_FILE = "search_state.pt"
-HISTORY_FILE = "history.jsonl"
-POLICY_FILE = "policy.pt"
-
-# evaluate(candidate) -> record with at least reward_raw (None when invalid) and violates
-Evaluate = Callable[[Candidate], dict[str, Any]]
+# evaluate(candidate) -> its evaluation: at least reward_raw (None when invalid) and violates, as
+# an `Evaluation` or a mapping of its fields
+Evaluate = Callable[[Candidate], Evaluation | Mapping[str, Any]]
 # share(records) -> every rank's records, concatenated (all_gather under torchrun)
-Share = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+Share = Callable[[list[CandidateRecord]], list[CandidateRecord]]
 
 
-@dataclass
-class SearchSettings:
-    """What the loop needs from the stage config."""
-
-    mode: str = "sequential"  # sequential (removal then shrink), removal, shrink or joint
-    strategy: str = "policy_gradient"  # or random: uniform actions, no learning
-    updates: int = 10
-    rollouts: int = 5
-    scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    policy_lr: float = 0.01
-    entropy_weight: float = 0.0
-    baseline_decay: float = 0.9
-    hidden: int = 30
-    penalty_anneal_updates: int = 15
-    seed: int = 0
+class PolicyMismatch(ValueError):
+    """A warm-start policy file made for other scales or another hidden size."""
 
 
 @contextlib.contextmanager
@@ -80,18 +74,23 @@ class PolicySearch:
         evaluate: Evaluate,
         settings: SearchSettings,
         work_dir: Path,
+        *,
+        seed: int = 0,
         writer: bool = True,
         warm_start: Path | None = None,
         rank: int = 0,
         world_size: int = 1,
         share: Share | None = None,
-        on_update: Callable[[dict[str, Any] | None], None] | None = None,
+        on_update: Callable[[CandidateRecord | None], None] | None = None,
         bounds: list[CostBound] | None = None,
     ):
-        """Under torchrun every rank samples the same rollouts (same seed); the new candidates
-        of an update are split across ranks (`rank`, `world_size`) and their records pooled with
-        `share`. `on_update(best)` runs on every rank after each update's records are in.
-        `bounds` hold the shrink actions to the budgets they estimate (compress.search.budget)."""
+        """`seed` initialises the policies and their sampler. Under torchrun every rank samples
+        the same rollouts (same seed); the new candidates of an update are split across ranks
+        (`rank`, `world_size`) and their records pooled with `share`. `on_update(best)` runs on
+        every rank after each update's records are in. `bounds` hold the shrink actions to the
+        budgets they estimate (compress.search.budget). A state left in `work_dir` by an earlier
+        run is resumed (InputError when it cannot be read); a warm start with other scales or
+        another hidden size raises PolicyMismatch."""
         self.units, self.evaluate, self.s = units, evaluate, settings
         self.bounds = bounds or []
         self.work_dir, self.writer = Path(work_dir), writer
@@ -99,63 +98,58 @@ class PolicySearch:
         self.share = share or (lambda records: records)
         self.on_update = on_update
         n_features = len(FEATURES)
-        torch.manual_seed(settings.seed)  # policy initialisation
+        torch.manual_seed(seed)  # policy initialisation
         self.removal = RemovalPolicy(n_features, settings.hidden)
         self.shrink = ShrinkPolicy(n_features, len(settings.scales), settings.hidden)
         params = [*self.removal.parameters(), *self.shrink.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=settings.policy_lr)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.baseline = MovingBaseline(settings.baseline_decay)
         self.phase_index = self.update = 0
-        self.summaries: list[dict[str, Any]] = []  # one per policy update
-        self.stage1: dict[str, Any] | None = None  # best removal-phase record
-        self.records: dict[str, dict[str, Any]] = {}  # architecture hash -> evaluation
+        self.summaries: list[UpdateSummary] = []  # one per policy update
+        self.stage1: RemovalResult | None = None  # the removal phase's best architecture
+        self.records: dict[str, CandidateRecord] = {}  # architecture hash -> evaluation
         if not self._resume() and warm_start is not None:
             self.load_policies(warm_start)
 
     # ------------------------------------------------------------------ state
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "phase_index": self.phase_index,
-            "update": self.update,
-            "removal": self.removal.state_dict(),
-            "shrink": self.shrink.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "baseline": self.baseline.value,
-            "generator": self.generator.get_state(),
-            "summaries": self.summaries,
-            "stage1": json.dumps(self.stage1),
-        }
+    def state(self) -> SearchState:
+        """Everything a resumed search needs (checkpointed after every update)."""
+        return SearchState(
+            phase_index=self.phase_index,
+            update=self.update,
+            removal=self.removal.state_dict(),
+            shrink=self.shrink.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            baseline=self.baseline.value,
+            generator=self.generator.get_state(),
+            summaries=list(self.summaries),
+            stage1=self.stage1,
+        )
 
     def _checkpoint(self) -> None:
-        if not self.writer:
-            return
-        with atomic_path(self.work_dir / STATE_FILE) as tmp:
-            torch.save(self._state(), tmp)
+        if self.writer:
+            self.state().save(self.work_dir / STATE_FILE)
 
     def _write_history(self) -> None:
         if self.writer:
-            lines = "".join(json.dumps(r) + "\n" for r in self.records.values())
-            write_text(self.work_dir / HISTORY_FILE, lines)
+            write_history(self.work_dir, self.records.values())
 
     def _resume(self) -> bool:
-        history = self.work_dir / HISTORY_FILE
-        if history.is_file():
-            for line in history.read_text().splitlines():
-                record = json.loads(line)
-                self.records[record["key"]] = record
+        if (self.work_dir / HISTORY_FILE).is_file():
+            self.records = {r.key: r for r in read_history(self.work_dir)}
         path = self.work_dir / STATE_FILE
         if not path.is_file():
             return False
-        state = torch.load(path, weights_only=True)
-        self.removal.load_state_dict(state["removal"])
-        self.shrink.load_state_dict(state["shrink"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.baseline.value = state["baseline"]
-        self.generator.set_state(state["generator"])
-        self.phase_index, self.update = state["phase_index"], state["update"]
-        self.summaries, self.stage1 = state["summaries"], json.loads(state["stage1"])
+        state = SearchState.load(path)
+        self.removal.load_state_dict(state.removal)
+        self.shrink.load_state_dict(state.shrink)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.baseline.value = state.baseline
+        self.generator.set_state(state.generator)
+        self.phase_index, self.update = state.phase_index, state.update
+        self.summaries, self.stage1 = state.summaries, state.stage1
         logger.info(
             f"search: resuming at {phases(self.s.mode)[min(self.phase_index, 1)]} "
             f"update {self.update}/{self.s.updates} ({len(self.records)} candidates known)"
@@ -179,7 +173,7 @@ class PolicySearch:
     def load_policies(self, path: Path) -> None:
         saved = torch.load(path, weights_only=True)
         if saved["scales"] != list(self.s.scales) or saved["hidden"] != self.s.hidden:
-            raise ValueError(
+            raise PolicyMismatch(
                 f"{path}: policies saved with scales {saved['scales']} and hidden {saved['hidden']}"
                 f", this search uses {list(self.s.scales)} and {self.s.hidden}"
             )
@@ -189,7 +183,7 @@ class PolicySearch:
     # ------------------------------------------------------------------ rollouts
 
     def _shrink_units(self) -> tuple[list[Unit], tuple[str, ...]]:
-        removed = tuple(self.stage1["candidate"]["removed"]) if self.stage1 else ()
+        removed = tuple(self.stage1.removed) if self.stage1 else ()
         return [u for u in self.units if u.shrinkable and u.name not in removed], removed
 
     def _rollout(self, phase: str) -> tuple[Rollout, Candidate]:
@@ -231,10 +225,14 @@ class PolicySearch:
         new = []
         for key in mine:
             t0 = time.perf_counter()
-            record = {"key": key, **by_key[key].to_dict(), **self.evaluate(by_key[key])}
-            record.setdefault("violates", False)
-            record.update(
-                phase=phase, update=global_update, eval_s=time.perf_counter() - t0, rank=self.rank
+            result = self.evaluate(by_key[key])
+            record = CandidateRecord.of(
+                by_key[key],
+                result,
+                phase=phase,
+                update=global_update,
+                eval_s=time.perf_counter() - t0,
+                rank=self.rank,
             )
             new.append(record)
             if self.world_size == 1:  # a candidate evaluated before a stop is not evaluated again
@@ -242,7 +240,7 @@ class PolicySearch:
                 self._write_history()
             bar.update(1)
         for record in self.share(new):
-            self.records[record["key"]] = record
+            self.records[record.key] = record
         self._write_history()
         bar.update(len(candidates) - len(mine))
 
@@ -253,17 +251,17 @@ class PolicySearch:
         removing too much (the more damaging action)."""
         return not (self.s.mode == "sequential" and phase == "removal")
 
-    def _score(self, candidate: Candidate, phase: str, global_update: int) -> dict[str, Any]:
+    def _reward(self, candidate: Candidate, phase: str, global_update: int) -> float:
+        """What the policy learns from: the raw reward, penalised where a budget is broken."""
         record = self.records[candidate.key()]
-        if record.get("reward_raw") is None:
-            return {**record, "reward": INVALID}
-        violates = record["violates"] and self._budgeted(phase)
-        reward = constrained_reward(
-            record["reward_raw"], violates, global_update, self.s.penalty_anneal_updates
+        if record.reward_raw is None:
+            return INVALID
+        violates = record.violates and self._budgeted(phase)
+        return constrained_reward(
+            record.reward_raw, violates, global_update, self.s.penalty_anneal_updates
         )
-        return {**record, "reward": reward}
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> CandidateRecord | None:
         """Run (or finish) every phase; returns the best record within the budgets (or None)."""
         names = phases(self.s.mode)
         total = len(names) * self.s.updates * self.s.rollouts
@@ -292,13 +290,13 @@ class PolicySearch:
 
     def _next_phase(self, phase: str) -> None:
         if phase == "removal":
-            scored = [r for r in self.records.values() if r.get("phase") == "removal"]
-            pool = [r for r in scored if r.get("reward_raw") is not None]
+            scored = [r for r in self.records.values() if r.phase == "removal"]
+            pool = [r for r in scored if r.valid]
             if self._budgeted(phase):  # keep to the budgets where any candidate met them
-                pool = [r for r in pool if not r["violates"]] or pool
+                pool = [r for r in pool if not r.violates] or pool
             if pool:
-                self.stage1 = max(pool, key=lambda r: r["reward_raw"])
-                self.stage1 = {"candidate": {"removed": self.stage1["removed"]}}
+                best = max(pool, key=lambda r: r.reward_raw)
+                self.stage1 = RemovalResult(removed=list(best.removed), key=best.key)
         self.phase_index += 1
         self.update = 0
         self.baseline = MovingBaseline(self.s.baseline_decay)  # a new action space
@@ -310,13 +308,13 @@ class PolicySearch:
         bar.set_postfix(phase=phase, update=f"{self.update + 1}/{self.s.updates}")
         self._evaluate_new([c for _, c in sampled], phase, global_update, bar)
         rollouts = [r for r, _ in sampled]
-        scored = [self._score(c, phase, global_update) for _, c in sampled]
-        rewards, keys = [s["reward"] for s in scored], [s["key"] for s in scored]
+        rewards = [self._reward(c, phase, global_update) for _, c in sampled]
+        keys = [c.key() for _, c in sampled]
         best = self.best()
         bar.set_postfix(
             phase=phase,
             update=f"{self.update + 1}/{self.s.updates}",
-            best=f"{best['reward_raw']:.3f}" if best else "-",
+            best=f"{best.reward_raw:.3f}" if best else "-",
         )
         if self.on_update is not None:
             self.on_update(best)
@@ -327,22 +325,21 @@ class PolicySearch:
                     self.optimizer, rollouts, rewards, self.baseline, self.s.entropy_weight
                 )
         self.summaries.append(
-            {
-                "phase": phase,
-                "update": global_update,
-                "rewards": rewards,
-                "mean_reward": sum(rewards) / len(rewards),
-                "baseline": baseline,
-                "candidates": keys,
-            }
+            UpdateSummary(
+                phase=phase,
+                update=global_update,
+                rewards=rewards,
+                mean_reward=sum(rewards) / len(rewards),
+                baseline=baseline,
+                candidates=keys,
+            )
         )
         self.update += 1
 
-    def best(self) -> dict[str, Any] | None:
+    def best(self) -> CandidateRecord | None:
         """The candidate with the highest reward among the valid ones within the budgets."""
-        ok = [r for r in self.records.values() if r.get("reward_raw") is not None]
-        ok = [r for r in ok if not r["violates"]]
-        return max(ok, key=lambda r: r["reward_raw"]) if ok else None
+        ok = [r for r in self.records.values() if r.valid and not r.violates]
+        return max(ok, key=lambda r: r.reward_raw) if ok else None
 
     def why_no_best(self) -> str:
         """Why `best()` is None, in a sentence: nothing to act on, the first candidate that could
@@ -356,11 +353,11 @@ class PolicySearch:
                 f"{text}: the {self.s.mode} search had no unit to act on ({len(self.units)} "
                 f"units, {removable} removable, {shrinkable} shrinkable); it acts on {SUPPORTED}"
             )
-        failed = [r for r in records if r.get("reward_raw") is None]
+        failed = [r for r in records if not r.valid]
         if failed:
             text += (
-                f"; {len(failed)} failed, the first ({failed[0]['key']}) with: "
-                f"{failed[0].get('error', 'no error recorded')}"
+                f"; {len(failed)} failed, the first ({failed[0].key}) with: "
+                f"{failed[0].error or 'no error recorded'}"
             )
         if len(failed) < len(records):
             text += (

@@ -3,11 +3,11 @@ against its parameter count with the Pareto front."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from compress.io import atomic_path
+from compress.search.records import HISTORY_FILE, read_history
 
 PLOT_FILE = "search.png"
 
@@ -23,16 +23,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def render_search(stage_dir: Path, metrics: dict[str, Any]) -> Path | None:
     """Write `stage_dir/search.png`; None when the stage left no history."""
-    history = stage_dir / "history.jsonl"
-    if not history.is_file():
+    if not (stage_dir / HISTORY_FILE).is_file():
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in history.read_text().splitlines()]
-    valid = [r for r in records if r.get("reward_raw") is not None]
+    valid = [r for r in read_history(stage_dir) if r.valid]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     rewards = metrics.get("mean_reward_per_update", [])
     left.plot(range(1, len(rewards) + 1), rewards, marker="o")
@@ -40,7 +38,7 @@ def render_search(stage_dir: Path, metrics: dict[str, Any]) -> Path | None:
     left.set_ylabel("mean reward of its rollouts")
     left.grid(alpha=0.3)
     for over in (False, True):
-        pts = [(r["params"] / 1e3, r["val_top1"]) for r in valid if r["violates"] == over]
+        pts = [(r.params / 1e3, r.val_top1) for r in valid if r.violates == over]
         if pts:
             right.scatter(
                 *zip(*pts, strict=True),
@@ -48,7 +46,7 @@ def render_search(stage_dir: Path, metrics: dict[str, Any]) -> Path | None:
                 alpha=0.7,
                 label="over budget" if over else "candidates",
             )
-    front = pareto_front([(r["params"] / 1e3, r["val_top1"]) for r in valid])
+    front = pareto_front([(r.params / 1e3, r.val_top1) for r in valid])
     if front:
         right.plot(*zip(*front, strict=True), color="C3", label="Pareto front")
     right.set_xlabel("parameters (thousands)")

@@ -15,14 +15,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from compress.errors import InputError
 from compress.models import create_model
 from compress.models.registry import build_model
-from compress.search.loop import PolicySearch, SearchSettings
+from compress.search import Evaluation
+from compress.search.loop import PolicySearch
+from compress.search.settings import SearchSettings
 from compress.search.surgery import Candidate, build_candidate, candidate_spec
 from compress.search.units import FEATURES, Unit, conv_path, find_units, out_width
 from compress.train.distributed import DistInfo
 from compress.train.loop import TrainingConfig, fit
 from compress.train.objectives import DistillationObjective
+from tests.search.conftest import SIZE, params
 
-SIZE = (3, 32, 32)
 FAMILIES = [
     "timm:convnext_atto",
     "timm:regnetx_002",
@@ -30,10 +32,6 @@ FAMILIES = [
     "torchvision:regnet_x_400mf",
     "torchvision:shufflenet_v2_x0_5",
 ]
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -62,7 +60,7 @@ def test_a_family_candidate_runs_trains_and_rebuilds(name, tmp_path):
 
     x = torch.randn(2, *SIZE)
     assert student(x).shape == (2, 10)
-    assert _params(student) < _params(teacher)
+    assert params(student) < params(teacher)
     replaced = student.get_submodule(gone.name)
     if gone.removal == "shuffle":  # the unit keeps its channel shuffle around an identity branch
         assert isinstance(replaced.branch2, nn.Identity)
@@ -155,7 +153,7 @@ def test_a_model_without_supported_units_is_refused_by_name():
     with pytest.raises(InputError) as caught:
         find_units(_StridedOnly(), SIZE)
     message = str(caught.value)
-    assert "cannot decompose tests.test_search_families._StridedOnly" in message
+    assert "cannot decompose tests.search.test_families._StridedOnly" in message
     assert "no residual block of a supported kind" in message
     for family in ("ConvNeXtBlock", "RegNet", "ShuffleNetV2", "ResNet", "MobileNetV2"):
         assert family in message
@@ -168,19 +166,19 @@ def test_a_search_without_a_valid_candidate_says_why(tmp_path):
     # conv2 writes the residual stream: every shrunk candidate is refused by the surgery
     units = [dataclasses.replace(u, shrinkable=["conv2"]) for u in find_units(model, SIZE)][:3]
 
-    def evaluate(candidate: Candidate) -> dict:  # as the search stage's evaluator records it
+    def evaluate(candidate: Candidate) -> Evaluation:  # as the search's evaluator records it
         try:
             build_candidate(model, units, candidate, SIZE)
         except (ValueError, RuntimeError) as e:
-            return {"reward_raw": None, "error": str(e)}
-        return {"reward_raw": 0.5, "violates": True}
+            return Evaluation(reward_raw=None, error=str(e))
+        return Evaluation(reward_raw=0.5, violates=True)
 
-    settings = SearchSettings(mode="shrink", strategy="random", updates=1, rollouts=3, seed=0)
-    search = PolicySearch(units, evaluate, settings, tmp_path / "failing")
+    settings = SearchSettings(mode="shrink", strategy="random", updates=1, rollouts=3)
+    search = PolicySearch(units, evaluate, settings, tmp_path / "failing", seed=0)
     assert search.run() is None
-    first = next(r for r in search.records.values() if r["reward_raw"] is None)
+    first = next(r for r in search.records.values() if not r.valid)
     message = search.why_no_best()
-    assert f"the first ({first['key']}) with: {first['error']}" in message
+    assert f"the first ({first.key}) with: {first.error}" in message
     assert "shared beyond its block" in message
 
     fixed = [Unit(f"b{i}", "basic", False, [], dict.fromkeys(FEATURES, 1.0)) for i in range(2)]
