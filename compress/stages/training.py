@@ -16,6 +16,7 @@ from compress.train.hooks import TrainHooks
 from compress.train.loop import TrainingConfig, fit
 from compress.train.objectives import DistillationObjective
 from compress.train.teacher_logits import TeacherLogits
+from compress.train.tracking import MetricSink, build_sinks, close_sinks
 
 TEACHER_LOGITS = "teacher_logits.pt"
 
@@ -48,31 +49,54 @@ def train_loaders(ctx: StageContext, cfg: TrainingConfig):
     return train, val
 
 
+def tracking_sinks(ctx: StageContext, cfg: TrainingConfig) -> list[MetricSink]:
+    """The recipe's tracking sinks for this stage (TensorBoard, MLflow), none when it has none."""
+    return build_sinks(
+        ctx.recipe.tracking,
+        ctx.stage_dir.parent,
+        ctx.stage_dir.name,
+        ctx.dist,
+        run_name=ctx.recipe.name,
+        params=cfg.model_dump(mode="json"),
+    )
+
+
 def train_with(
     ctx: StageContext, cfg: TrainingConfig, objective, hooks: TrainHooks | None = None
 ) -> StageResult:
-    """Run the one training loop on the current model with `objective`; the model is the result."""
+    """Run the one training loop on the current model with `objective`; the model is the result.
+
+    Its metrics also go to the recipe's `tracking` sinks.
+    """
     if ctx.spec.int8 is not None and ctx.spec.int8.get("route") == "onnxruntime":
         raise InputError(
             f"stages[{ctx.index}]: the model was quantized by onnxruntime (ptq_int8) and runs "
             "only there, so it cannot train; put training stages before the quantize stage, or "
             "use qat_int8"
         )
-    train, val = train_loaders(ctx, cfg)
-    label = getattr(cfg, "label", "train")
-    metrics = fit(
-        ctx.model,
-        objective,
-        train,
-        val,
-        cfg,
-        ctx.device,
-        ctx.stage_dir,
-        ctx.dist,
-        desc=label,
-        seed=ctx.recipe.seed,
-        hooks=hooks,
-    )
+    sinks = tracking_sinks(ctx, cfg)  # a missing extra fails here, before any training
+    try:
+        train, val = train_loaders(ctx, cfg)
+        label = getattr(cfg, "label", "train")
+        metrics = fit(
+            ctx.model,
+            objective,
+            train,
+            val,
+            cfg,
+            ctx.device,
+            ctx.stage_dir,
+            ctx.dist,
+            desc=label,
+            seed=ctx.recipe.seed,
+            hooks=hooks,
+            sinks=sinks,
+            log_every_steps=ctx.recipe.tracking.log_every_steps,
+        )
+    except BaseException:
+        close_sinks(sinks, failed=True)
+        raise
+    close_sinks(sinks)
     return StageResult(model=ctx.model, spec=ctx.spec, metrics=metrics)
 
 

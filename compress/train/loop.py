@@ -2,7 +2,8 @@
 
 SGD or AdamW, linear warmup then cosine decay (per step), label smoothing, mixed precision on CUDA,
 gradient clipping, an atomic checkpoint after every epoch (resumed automatically), a progress bar,
-and `metrics.jsonl`. Runs unchanged under torchrun (DistributedDataParallel).
+`metrics.jsonl`, and the same metrics to the tracking sinks it is given (TensorBoard, MLflow).
+Runs unchanged under torchrun (DistributedDataParallel).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from compress.io import atomic_path, write_text
 from compress.log import logger
 from compress.train.distributed import DistInfo, all_reduce_sum, average_gradients, barrier
 from compress.train.hooks import TrainHooks
+from compress.train.tracking import MetricSink
 
 Objective = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 CHECKPOINT = "checkpoint.pt"
@@ -106,13 +108,20 @@ def fit(
     desc: str = "train",
     seed: int = 0,
     hooks: TrainHooks | None = None,
+    sinks: Sequence[MetricSink] = (),
+    log_every_steps: int = 1,
 ) -> dict[str, Any]:
     """Train `model` in place; resume from `stage_dir/checkpoint.pt` if present. Returns metrics.
 
     An objective that is an `nn.Module` with parameters (e.g. feature projectors) is trained
     alongside the model and checkpointed with it; it is never part of the model.
+
+    Rank 0 logs to `sinks`, against the number of optimiser steps taken: `train/loss` (the batch's)
+    and `train/lr` every `log_every_steps` steps, and each epoch's `metrics.jsonl` record as
+    `epoch/<key>`. The caller closes the sinks.
     """
     hooks = hooks or TrainHooks()
+    sinks = list(sinks) if dist.is_main else []
     model.to(device)
     extra = objective if isinstance(objective, nn.Module) else None
     trained: nn.Module = model
@@ -144,6 +153,8 @@ def fit(
         history, start_epoch = state["history"], state["epoch"]
         if dist.is_main:
             logger.info(f"{desc}: resuming after epoch {start_epoch}/{cfg.epochs}")
+    for sink in sinks:
+        sink.start(start_epoch * steps_per_epoch)
 
     net: nn.Module = model
     if dist.enabled:
@@ -187,11 +198,13 @@ def fit(
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             n = labels.numel()
-            loss_sum += loss.item() * n
+            batch_loss = loss.item()
+            loss_sum += batch_loss * n
             correct += (logits.argmax(1) == labels).sum().item()
             seen += n
             rate = seen * dist.world_size / (time.perf_counter() - t0)
@@ -202,6 +215,10 @@ def fit(
                 "ips": f"{rate:.0f}",
             }
             bar.set_postfix(progress)
+            global_step = epoch * steps_per_epoch + step + 1
+            if sinks and global_step % log_every_steps == 0:
+                for sink in sinks:
+                    sink.log({"train/loss": batch_loss, "train/lr": lr}, global_step)
             if (
                 bar.disable
                 and dist.is_main
@@ -244,6 +261,9 @@ def fit(
                     tmp,
                 )
             _write_log(stage_dir, history)
+            epoch_metrics = {f"epoch/{k}": float(v) for k, v in record.items() if k != "lr"}
+            for sink in sinks:
+                sink.log(epoch_metrics, (epoch + 1) * steps_per_epoch)
             summary = ", ".join(
                 f"{k} {v:.3g}"
                 for k, v in record.items()
