@@ -41,8 +41,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compress.deploy.bench import BACKENDS
-    from compress.deploy.devices import profile_names
+    from compress.deploy.backends import add_bench_arguments, backend_names
 
     p = _Parser(prog="compress", description="Edge model compression toolchain.")
     p.add_argument("--version", action="version", version=f"compress {__version__}")
@@ -90,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency and throughput of an ONNX model (or engine)")
     b.add_argument("onnx", type=Path)
-    b.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    b.add_argument("--backend", default="onnxruntime", choices=backend_names())
     b.add_argument(
         "--batch-size", type=_batch_sizes, default=[1], metavar="B[,B...]", help="e.g. 1,8,32"
     )
@@ -99,24 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="MLPerf-SingleStream-like: batch 1, back-to-back queries, report p90",
     )
-    b.add_argument("--threads", type=int)
-    b.add_argument("--warmup", type=int)
-    b.add_argument("--min-iters", type=int)
-    b.add_argument("--min-duration", type=float, help="seconds per run")
-    b.add_argument("--repeats", type=int, help="timed runs; statistics are medians")
-    b.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime")
-    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
-    g = b.add_argument_group("ssh backend (unset values come from ~/.ssh/config)")
-    g.add_argument("--host", help="host name or ~/.ssh/config alias")
-    g.add_argument("--user")
-    g.add_argument("--port", type=int)
-    g.add_argument("--identity-file", help="private key file")
-    g.add_argument("--known-hosts", help="known_hosts file (host keys are always checked)")
-    g.add_argument("--ssh-config", help="ssh config file instead of ~/.ssh/config")
-    g.add_argument("--remote-python", default="python3", help="remote interpreter with compress")
-    g.add_argument("--remote-backend", default="auto", choices=["auto", "compress", "trtexec"])
-    g.add_argument("--device-profile", help="Jetson profile: " + ", ".join(profile_names()))
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    add_bench_arguments(b)  # one flag per field of the backends' options models
 
     rp = sub.add_parser("report", help="render report.md and pareto.png of a run folder")
     rp.add_argument("run_dir", type=Path)
@@ -124,42 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from compress.log import logger
-    from compress.pipeline import Pipeline
-    from compress.recipe import load_recipe
+    from compress.api import run
 
-    recipe = load_recipe(args.recipe, args.set)
-    for warning in preflight_warnings(recipe):
-        logger.warning(warning)
-    out = args.out or Path("runs") / recipe.name
-    pipeline = Pipeline(recipe, out, fresh=args.fresh)
-    report = pipeline.run()
-    if pipeline.dist.is_main:
-        logger.info(f"run complete: {out}/report.json, {out}/report.md, {out}/pareto.png")
-        for m in report["models"]:
-            top1 = m.get("top1")
-            logger.info(
-                f"  {m['name']:<16} top1 {'-' if top1 is None else f'{top1:.2f}%'}"
-                f"  params {m.get('params', 0):,}"
-            )
+    run(args.recipe, out=args.out, overrides=args.set, fresh=args.fresh)
     return 0
-
-
-def preflight_warnings(recipe) -> list[str]:
-    """Problems a stage will hit when it runs (e.g. TensorRT asked for but missing), by stage."""
-    return [
-        f"stages[{i}] ({stage.type}): {w}"
-        for i, stage in enumerate(recipe.stages)
-        for w in getattr(stage, "preflight_warnings", list)()
-    ]
 
 
 def cmd_validate(args) -> int:
     import yaml
 
-    from compress.recipe import load_recipe
+    from compress.api import as_recipe, preflight_warnings
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = as_recipe(args.recipe, args.set)
     for warning in preflight_warnings(recipe):
         print(f"warning: {warning}", file=sys.stderr)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
@@ -167,34 +126,18 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _cli_model(spec_text: str, weights: Path | None, num_classes: int | None):
-    from compress.models import create_model
-
-    return create_model(spec_text, weights=weights, num_classes=num_classes)[0].eval()
-
-
 def cmd_eval(args) -> int:
-    from compress.config import DataConfig
-    from compress.data import ImageFolderData
-    from compress.evaluation import evaluate
-    from compress.pipeline import resolve_device
+    from compress.api import evaluate_model
 
-    try:
-        cfg = DataConfig.model_validate(
-            {
-                "root": args.data,
-                "image_size": args.image_size,
-                "eval_batch_size": args.batch_size,
-                "limit_per_class": args.limit_per_class,
-                "test_limit_per_class": args.limit_per_class,
-            }
-        )
-    except Exception as e:  # noqa: BLE001 - pydantic error: report as bad input
-        raise InputError(f"--data/--image-size/--batch-size: {e}") from None
-    data = ImageFolderData(cfg)
-    model = _cli_model(args.model, args.weights, data.num_classes)
-    result = evaluate(model, data.loader(args.split), resolve_device(args.device), desc="eval")
-    result = {"model": args.model, "split": args.split, **result}
+    data = {
+        "root": args.data,
+        "image_size": args.image_size,
+        "eval_batch_size": args.batch_size,
+        "limit_per_class": args.limit_per_class,
+        "test_limit_per_class": args.limit_per_class,
+    }
+    result = evaluate_model(args.model, data, args.split, args.weights, args.device)
+    result = {"model": args.model, **result}
     if args.json:
         print(json.dumps(result))
     else:
@@ -206,54 +149,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import torch
+    from compress.api import export
+    from compress.models import create_model
 
-    from compress.deploy.onnx_export import check_parity, export_onnx
-
-    model = _cli_model(args.model, args.weights, args.num_classes)
-    export_onnx(model, args.out, args.input_size, dynamo=not args.no_dynamo)
-    parity = check_parity(model, args.out, torch.randn(8, *args.input_size))
+    model = create_model(args.model, weights=args.weights, num_classes=args.num_classes)[0]
+    result = export(model, args.out, args.input_size, dynamo=not args.no_dynamo)
     print(
-        f"wrote {args.out} ({args.out.stat().st_size:,} bytes); "
-        f"max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} on random inputs"
+        f"wrote {args.out} ({result['size_bytes']:,} bytes); "
+        f"max |onnxruntime - torch| = {result['max_abs_diff']:.3g} on random inputs"
     )
     return 0
 
 
-def bench_options(args) -> dict:
-    """Backend-specific options from the command line."""
-    if args.backend == "onnxruntime":
-        return {"provider": args.provider}
-    if args.backend in ("tensorrt", "trtexec"):
-        return {"precision": args.precision}
-    keys = ("host", "user", "port", "identity_file", "known_hosts", "ssh_config")
-    keys += ("remote_python", "remote_backend", "device_profile", "precision")
-    return {k: getattr(args, k) for k in keys}
-
-
 def cmd_bench(args) -> int:
-    from compress.deploy.bench import BenchSettings, bench_sweep
-    from compress.deploy.devices import load_profile
+    import contextlib
 
-    defaults = dict(BenchSettings().__dict__)
-    if args.device_profile:
-        defaults.update(load_profile(args.device_profile)["bench"])
-    given = {
-        "warmup": args.warmup,
-        "min_iters": args.min_iters,
-        "min_duration_s": args.min_duration,
-        "repeats": args.repeats,
-        "threads": args.threads,
-    }
-    settings = BenchSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
-    results = bench_sweep(
-        args.backend,
-        args.onnx,
-        args.batch_size,
-        settings,
-        bench_options(args),
-        single_stream=args.single_stream,
-    )
+    from compress.deploy.backends import bench, options_from_args
+
+    # with --json, stdout carries the JSON alone: log lines go to stderr meanwhile
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        options = options_from_args(args)
+        results = bench(args.onnx, args.backend, options, args.batch_size, args.single_stream)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
         return 0
@@ -270,9 +187,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from compress.report import render
+    from compress.api import render_report
 
-    md, png = render(args.run_dir)
+    md, png = render_report(args.run_dir)
     print(f"wrote {md} and {png}")
     return 0
 

@@ -35,14 +35,17 @@ from compress.models import (
 )
 from compress.recipe import Recipe
 from compress.report import RunReport
+from compress.runs import (
+    MODEL_FILE,
+    RECIPE_FILE,
+    RUN_MARKER,
+    STAGE_STATE,
+    TEACHER_FILE,
+    stage_folder,
+)
 from compress.stages import STAGES, StageContext
 from compress.train.distributed import DistInfo, barrier, broadcast, init_distributed
 
-RUN_MARKER = ".compress-run"
-RECIPE_FILE = "recipe.yaml"  # the resolved recipe, written into every run folder
-STAGE_STATE = "stage.json"
-MODEL_FILE = "model.safetensors"
-TEACHER_FILE = "teacher.safetensors"  # written by a stage that adapts the teacher
 SCRATCH_FILES = ("checkpoint.pt", "teacher_logits.pt")
 
 
@@ -187,7 +190,7 @@ class Pipeline:
         for index, cfg in enumerate(recipe.stages):
             stage_type = STAGES[cfg.type]
             key = digest(key, cfg.model_dump(mode="json"))
-            stage_dir = self.out_dir / f"{index:02d}-{cfg.label}"
+            stage_dir = self.out_dir / stage_folder(index, cfg.label)
             state = self._finished_state(stage_dir, key)
             if state is not None:
                 if self.dist.is_main:
@@ -200,8 +203,8 @@ class Pipeline:
                 )
             artifacts.update(state.get("artifacts", {}))
             if stage_type.makes_model:
-                current = f"{index:02d}-{cfg.label}"
-            if stage_type.makes_teacher:  # later stages learn from the adapted teacher
+                current = stage_folder(index, cfg.label)
+            if stage_type.makes == "teacher":  # later stages learn from the adapted teacher
                 self._teacher_file, self._teacher = stage_dir / TEACHER_FILE, None
             self.report.record_stage(index, cfg, stage_dir, state, current)
             self.report.write()
@@ -261,7 +264,8 @@ class Pipeline:
         )
         t0 = time.perf_counter()
         state: dict[str, Any] = {"key": key, "type": cfg.type, "label": cfg.label}
-        if stage_type.makes_model or stage_type.makes_teacher or self.dist.is_main:
+        made = None
+        if stage_type.makes is not None or self.dist.is_main:
             try:
                 result = stage_type.run(ctx, cfg)
             except Exception as e:
@@ -270,8 +274,9 @@ class Pipeline:
                         stage_dir / STAGE_STATE, {**state, "status": "failed", "error": str(e)}
                     )
                 raise
-            if result.model is not None:
-                model, spec = result.model, result.spec or spec
+            made = result.model
+            if made is not None and stage_type.makes_model:
+                model, spec = made, result.spec or spec
             state.update(
                 metrics=result.metrics,
                 artifacts=result.artifacts,
@@ -283,10 +288,10 @@ class Pipeline:
             if stage_type.makes_model:
                 save_model(model.cpu(), spec, stage_dir / MODEL_FILE)
                 state["model"] = {"spec": spec.name, **self._measure(model, cfg.label, spec)}
-            if result.teacher is not None:
+            if stage_type.makes == "teacher" and made is not None:
                 assert self._teacher_spec is not None  # the stage built the teacher it adapted
-                save_model(result.teacher.cpu(), self._teacher_spec, stage_dir / TEACHER_FILE)
-                measured = self._measure(result.teacher, f"{cfg.label} teacher")
+                save_model(made.cpu(), self._teacher_spec, stage_dir / TEACHER_FILE)
+                measured = self._measure(made, f"{cfg.label} teacher")
                 state["teacher_model"] = {"spec": self._teacher_spec.name, **measured}
             state["status"] = "done"
             write_json(stage_dir / STAGE_STATE, state)

@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from compress.errors import InputError
 from compress.io import atomic_path, read_json, write_json, write_text
-
-REPORT_JSON = "report.json"
+from compress.markdown import fmt, table
+from compress.runs import REPORT_JSON
 
 
 def _now() -> str:
@@ -24,7 +23,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     from compress import __version__
-    from compress.deploy.bench import cpu_name
+    from compress.deploy.timing import cpu_name
 
     def v(name: str) -> str | None:
         try:
@@ -140,24 +139,6 @@ class RunReport:
 # ---------------------------------------------------------------- rendering
 
 
-def _fmt(value: Any, kind: str) -> str:
-    if value is None:
-        return "–"
-    if kind == "pct":
-        return f"{value:.2f}"
-    if kind == "count":
-        return f"{value / 1e6:.3f} M" if value >= 1e5 else f"{value:,}"
-    if kind == "bytes":
-        return f"{value / 2**20:.2f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
-    if kind == "ms":
-        return f"{value:.3f}"
-    if kind == "sci":
-        return f"{value:.2g}"
-    if kind == "s":
-        return f"{value:.1f}"
-    return str(value)
-
-
 COLUMNS = [
     ("model", "name", "str"),
     ("role", "role", "str"),
@@ -172,24 +153,44 @@ COLUMNS = [
 ]
 
 
-def _method(m: dict[str, Any]) -> str:
-    """The quantization method, with the INT8 route and how many weight layers are INT8."""
-    text = str(m.get("quantization"))
-    if m.get("int8_route"):
-        text += f" ({m['int8_route']}"
-        if m.get("weight_layers"):
-            text += f", {m['int8_layers']}/{m['weight_layers']} layers INT8"
-        text += ")"
-    return text
+def _against_teacher(report: dict[str, Any]) -> list[str]:
+    teachers = [m for m in report["models"] if m.get("role") == "teacher"]
+    teacher = teachers[-1] if teachers else None  # the adapted teacher when a stage made one
+    finals = [m for m in report["models"] if m.get("role") == "stage"]
+    if not (teacher and finals):
+        return []
+    s = finals[-1]
+    lines = ["", f"Final model `{s['name']}` against the teacher (`{teacher['name']}`):"]
+    if teacher.get("params") and s.get("params"):
+        lines.append(f"- {teacher['params'] / s['params']:.2f}x fewer parameters")
+    if teacher.get("flops") and s.get("flops"):
+        lines.append(f"- {teacher['flops'] / s['flops']:.2f}x fewer FLOPs per image")
+    if teacher.get("latency_ms") and s.get("latency_ms"):
+        lines.append(
+            f"- {teacher['latency_ms'] / s['latency_ms']:.2f}x lower p50 latency "
+            f"(batch {s.get('latency_batch_size')}, {s.get('backend')})"
+        )
+    if teacher.get("top1") is not None and s.get("top1") is not None:
+        lines.append(f"- top-1 {s['top1'] - teacher['top1']:+.2f} points")
+    return lines
 
 
-def _speedup(speedup: dict[str, float] | None) -> str:
-    if not speedup:
-        return "–"
-    return ", ".join(f"{ratio:.2f}x (batch {b})" for b, ratio in speedup.items())
+def stage_sections(report: dict[str, Any], run_dir: Path) -> list[str]:
+    """Each stage type's own section (its `report_section`), once per type, in recipe order."""
+    from compress.stages import STAGES
+
+    lines: list[str] = []
+    types = list(dict.fromkeys(s["type"] for s in report.get("stages", [])))
+    for name in types:
+        section = STAGES[name].report_section if name in STAGES else None
+        if section is not None:
+            entries = [s for s in report["stages"] if s["type"] == name]
+            lines += section(report, entries, run_dir)
+    return lines
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], run_dir: Path | None = None) -> str:
+    """report.md: the models, each stage type's section, the stages and the environment."""
     env = report.get("environment", {})
     lines = [f"# Run `{report['name']}`", ""]
     lines.append(
@@ -197,90 +198,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"updated {report.get('updated')}."
     )
     lines += ["", "## Models", ""]
-    lines.append("| " + " | ".join(c[0] for c in COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    for m in report.get("models", []):
-        lines.append("| " + " | ".join(_fmt(m.get(k), kind) for _, k, kind in COLUMNS) + " |")
-    teachers = [m for m in report["models"] if m.get("role") == "teacher"]
-    teacher = teachers[-1] if teachers else None  # the adapted teacher when a stage made one
-    finals = [m for m in report["models"] if m.get("role") == "stage"]
-    if teacher and finals:
-        s = finals[-1]
-        lines += ["", f"Final model `{s['name']}` against the teacher (`{teacher['name']}`):"]
-        if teacher.get("params") and s.get("params"):
-            lines.append(f"- {teacher['params'] / s['params']:.2f}x fewer parameters")
-        if teacher.get("flops") and s.get("flops"):
-            lines.append(f"- {teacher['flops'] / s['flops']:.2f}x fewer FLOPs per image")
-        if teacher.get("latency_ms") and s.get("latency_ms"):
-            lines.append(
-                f"- {teacher['latency_ms'] / s['latency_ms']:.2f}x lower p50 latency "
-                f"(batch {s.get('latency_batch_size')}, {s.get('backend')})"
-            )
-        if teacher.get("top1") is not None and s.get("top1") is not None:
-            lines.append(f"- top-1 {s['top1'] - teacher['top1']:+.2f} points")
+    lines += table(
+        [c[0] for c in COLUMNS],
+        ([fmt(m.get(k), kind) for _, k, kind in COLUMNS] for m in report.get("models", [])),
+    )
+    lines += _against_teacher(report)
     lines += [
         "",
         "Latency in milliseconds, p50 at the smallest benched batch; "
         "FLOPs by torch's flop counter (a multiply-add counts 2).",
         "",
     ]
-    bench_rows = [(m["name"], r) for m in report["models"] for r in m.get("latency", [])]
-    if bench_rows:
-        lines += [
-            "## Latency",
-            "",
-            "| model | backend | batch | threads | p50 ms | p90 ms | "
-            "p99 ms | mean ms | std ms | images/s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in bench_rows:
-            lines.append(
-                f"| {name} | {r['backend']} | {r['batch_size']} | {r['threads']} | "
-                f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | "
-                f"{r['std_ms']:.3f} | {r['throughput_ips']:.1f} |"
-            )
-        lines.append("")
-    quantized = [m for m in report["models"] if m.get("bits") is not None]
-    if quantized:
-        lines += [
-            "## Quantization",
-            "",
-            "Bits per weight count the bucket scales (and learned codebooks) or the per-channel "
-            "INT8 scales. Sub-8-bit models: the size is Polino et al.'s Huffman accounting, not a "
-            "file, and the compact file is what is written; INT8 models: the size is the INT8 "
-            "weights with their scales, and the Q/DQ ONNX file is what is written.",
-            "",
-            "| model | method | bits | bits/weight | Huffman bits/weight | size | "
-            "written file | fp32 / size | INT8 speed-up |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for m in quantized:
-            huffman = m.get("huffman_bits_per_weight")
-            written = m.get("compact_bytes") or m.get("onnx_bytes")
-            lines.append(
-                f"| {m['name']} | {_method(m)} | {m['bits']} | "
-                f"{m['bits_per_weight']:.3f} | {'–' if huffman is None else f'{huffman:.3f}'} | "
-                f"{_fmt(m['quantized_size_bytes'], 'bytes')} | "
-                f"{_fmt(written, 'bytes')} | {m['compression_ratio']:.1f}x | "
-                f"{_speedup(m.get('int8_speedup'))} |"
-            )
-        lines += [
-            "",
-            "INT8 speed-up: p50 latency of the FP32 export over the Q/DQ model's on onnxruntime "
-            "CPU, timed in alternation in the export stage, by batch size.",
-            "",
-        ]
-    lines += [
-        "## Stages",
-        "",
-        "| # | stage | status | wall s | output model |",
-        "|---|---|---|---|---|",
-    ]
-    for s in report.get("stages", []):
-        lines.append(
-            f"| {s['index']} | {s['label']} ({s['type']}) | {s['status']} | "
-            f"{_fmt(s.get('wall_time_s'), 's')} | {s.get('model')} |"
-        )
+    if run_dir is not None:
+        lines += stage_sections(report, run_dir)
+    lines += ["## Stages", ""]
+    lines += table(
+        ["#", "stage", "status", "wall s", "output model"],
+        (
+            [
+                s["index"],
+                f"{s['label']} ({s['type']})",
+                s["status"],
+                fmt(s.get("wall_time_s"), "s"),
+                s.get("model"),
+            ]
+            for s in report.get("stages", [])
+        ),
+    )
     lines += ["", "## Environment", ""]
     lines += [f"- {k}: {v}" for k, v in env.items() if v is not None]
     return "\n".join(lines) + "\n"
@@ -326,17 +270,10 @@ def render_pareto(report: dict[str, Any], path: Path) -> None:
 
 def render(run_dir: Path | str) -> tuple[Path, Path]:
     """Write report.md and pareto.png from `run_dir/report.json`."""
-    run_dir = Path(run_dir)
-    path = run_dir / REPORT_JSON
-    if not path.is_file():
-        raise InputError(f"{path}: not found (is {run_dir} a compress run folder?)")
-    report = read_json(path)
-    md, png = run_dir / "report.md", run_dir / "pareto.png"
-    write_text(md, render_markdown(report))
-    render_pareto(report, png)
-    from compress.search.plot import render_search
+    from compress.runs import RunFolder
 
-    for stage in report.get("stages", []):
-        if stage["type"] == "search":
-            render_search(run_dir / stage["dir"], stage.get("metrics", {}))
+    run = RunFolder(run_dir)
+    md, png = run.path / "report.md", run.path / "pareto.png"
+    write_text(md, render_markdown(run.report, run.path))
+    render_pareto(run.report, png)
     return md, png

@@ -5,12 +5,15 @@ A test checks the file is current, so every field the schema takes is documented
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
+import types
 import typing
 from pathlib import Path
+from typing import Annotated, Union, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 from pydantic_core import PydanticUndefined
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +41,15 @@ This file is generated from the schema by `python tools/recipe_docs.py`; do not 
 
 
 def _type_name(annotation) -> str:
+    """A field's type as a reader knows it: path validators (recipe-relative, must exist) hidden."""
+    if get_origin(annotation) is Annotated and any(
+        isinstance(m, BeforeValidator | AfterValidator) for m in annotation.__metadata__
+    ):
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return " \\| ".join(
+            "None" if a is type(None) else _type_name(a) for a in get_args(annotation)
+        )
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
     for prefix in ("typing.", "pathlib.", "compress.recipe.", "compress.config."):
         text = text.replace(prefix, "")
@@ -70,7 +82,7 @@ def table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
 
 
 def render() -> str:
-    from compress.config import DataConfig, ModelConfig
+    from compress.config import DataConfig, ModelConfig, TrackingConfig
     from compress.recipe import Recipe
     from compress.stages import STAGES
 
@@ -85,6 +97,8 @@ def render() -> str:
         table(ModelConfig),
         "",
     ]
+    doc = inspect.cleandoc(TrackingConfig.__doc__ or "")
+    parts += ["## `tracking`", "", doc, "", table(TrackingConfig), ""]
     parts += [
         "## Stages",
         "",

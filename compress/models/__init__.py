@@ -8,6 +8,7 @@ from compress.models.registry import (
     float_spec,
     load_model,
     load_weights,
+    register_spec_kind,
     save_model,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "float_spec",
     "load_model",
     "load_weights",
+    "register_spec_kind",
     "save_model",
 ]

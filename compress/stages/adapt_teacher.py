@@ -26,10 +26,10 @@ class AdaptTeacherStage(StageConfig, TrainingConfig):
     needs_teacher: ClassVar[bool] = True
 
 
-@register_stage("adapt_teacher", AdaptTeacherStage, makes_teacher=True)
+@register_stage("adapt_teacher", AdaptTeacherStage, makes="teacher")
 def run(ctx: StageContext, cfg: AdaptTeacherStage) -> StageResult:
     teacher = copy.deepcopy(ctx.teacher).requires_grad_(True)
     result = train_with(
         replace(ctx, model=teacher), cfg, CrossEntropyObjective(cfg.label_smoothing)
     )
-    return StageResult(metrics=result.metrics, teacher=teacher.eval().requires_grad_(False))
+    return StageResult(model=teacher.eval().requires_grad_(False), metrics=result.metrics)

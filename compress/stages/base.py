@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -63,7 +63,9 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """What a stage made: a new model (or None to pass the input on), metrics and artifact paths."""
+    """What a stage made: a new model (or None to pass the input on), metrics and artifact paths.
+
+    `model` is the next stages' student, or their teacher for a stage type that makes teachers."""
 
     model: nn.Module | None = None
     spec: ModelSpec | None = None
@@ -73,10 +75,12 @@ class StageResult:
         default_factory=dict
     )  # merged into the model's report entry
     teacher_metrics: dict[str, Any] = field(default_factory=dict)  # merged into the teacher's entry
-    teacher: nn.Module | None = None  # a new teacher for the later stages (adapt_teacher)
 
 
 StageFn = Callable[[StageContext, Any], StageResult]
+ReportSection = Callable[[dict[str, Any], list[dict[str, Any]], Path], list[str]]
+"""`section(report, entries, run_dir)`: report.md lines for this type's stages (`entries`, from
+report.json); it may write files into their folders (a plot) and link them."""
 
 
 @dataclass
@@ -84,23 +88,32 @@ class StageType:
     name: str
     config: type[StageConfig]
     run: StageFn
-    makes_model: bool
-    makes_teacher: bool = False
+    makes: Literal["model", "teacher"] | None = None
+    report_section: ReportSection | None = None
+
+    @property
+    def makes_model(self) -> bool:
+        return self.makes == "model"
 
 
 STAGES: dict[str, StageType] = {}
 
 
 def register_stage(
-    name: str, config: type[StageConfig], makes_model: bool = False, makes_teacher: bool = False
+    name: str,
+    config: type[StageConfig],
+    makes: Literal["model", "teacher"] | None = None,
+    report_section: ReportSection | None = None,
 ):
     """Register `run(ctx, cfg) -> StageResult` as the stage type `name` configured by `config`.
 
-    A stage that makes a model (or a teacher) runs on every torchrun rank, others on rank 0 only.
+    A stage that `makes` a model returns it as `StageResult.model`; the later stages start from it
+    ("model") or learn from it ("teacher"). Such a stage runs on every torchrun rank, others on
+    rank 0 only. `report_section` adds this type's section to report.md.
     """
 
     def decorator(fn: StageFn) -> StageFn:
-        STAGES[name] = StageType(name, config, fn, makes_model, makes_teacher)
+        STAGES[name] = StageType(name, config, fn, makes, report_section)
         return fn
 
     return decorator

@@ -137,7 +137,7 @@ def feature_objective(ctx: StageContext, cfg: DistillStage):
         raise InputError(f"stages[{ctx.index}].{e}") from None
 
 
-@register_stage("distill", DistillStage, makes_model=True)
+@register_stage("distill", DistillStage, makes="model")
 def run(ctx: StageContext, cfg: DistillStage) -> StageResult:
     if cfg.method == "logits":
         objective, cached = distillation_objective(ctx, cfg, cfg.label_smoothing)

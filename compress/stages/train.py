@@ -16,6 +16,6 @@ class TrainStage(StageConfig, TrainingConfig):
     type: Literal["train"] = "train"
 
 
-@register_stage("train", TrainStage, makes_model=True)
+@register_stage("train", TrainStage, makes="model")
 def run(ctx: StageContext, cfg: TrainStage) -> StageResult:
     return train_with(ctx, cfg, CrossEntropyObjective(cfg.label_smoothing))

@@ -1,0 +1,143 @@
+"""The Python API: what `compress` commands do, as functions for notebooks and scripts.
+
+    import compress
+
+    report = compress.run("recipes/quickstart.yaml", out="runs/qs", overrides=["stages.1.epochs=1"])
+    run = compress.RunFolder("runs/qs")
+    student, spec = run.stage(type="distill").load_model()
+
+Every function raises `compress.InputError` with a message naming the field, file or model for
+input it cannot use; the command line prints that message and exits 2.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from compress.config import DataConfig, validation_problems
+from compress.errors import InputError
+from compress.recipe import Recipe, apply_override, load_recipe, parse_recipe
+
+RecipeLike = Recipe | dict[str, Any] | str | Path
+
+
+def as_recipe(
+    recipe: RecipeLike, overrides: Sequence[str] = (), base_dir: Path | str = "."
+) -> Recipe:
+    """A validated recipe from a file path, a mapping (relative paths from `base_dir`) or a Recipe,
+    with `--set`-style overrides (`"stages.1.epochs=3"`) applied."""
+    if isinstance(recipe, str | Path):
+        return load_recipe(recipe, tuple(overrides))
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        recipe = recipe.model_dump(mode="json")
+    if not isinstance(recipe, dict):
+        raise InputError(f"recipe: expected a path, a mapping or a Recipe (got {type(recipe)})")
+    raw = copy.deepcopy(recipe)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_recipe(raw, base_dir=base_dir)
+
+
+def preflight_warnings(recipe: Recipe) -> list[str]:
+    """Problems a stage will hit when it runs (e.g. TensorRT asked for but missing), by stage."""
+    return [
+        f"stages[{i}] ({stage.type}): {w}"
+        for i, stage in enumerate(recipe.stages)
+        for w in getattr(stage, "preflight_warnings", list)()
+    ]
+
+
+def run(
+    recipe: RecipeLike,
+    out: Path | str | None = None,
+    overrides: Sequence[str] = (),
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Run a recipe into `out` (default `runs/<name>`) and return its report (report.json's content).
+
+    A run folder that holds an earlier run of the same recipe resumes it: finished stages are
+    skipped; `fresh=True` discards them.
+    """
+    from compress.log import logger
+    from compress.pipeline import Pipeline
+
+    recipe = as_recipe(recipe, overrides)
+    for warning in preflight_warnings(recipe):
+        logger.warning(warning)
+    out = Path(out) if out is not None else Path("runs") / recipe.name
+    pipeline = Pipeline(recipe, out, fresh=fresh)
+    report = pipeline.run()
+    if pipeline.dist.is_main:
+        logger.info(f"run complete: {out}/report.json, {out}/report.md, {out}/pareto.png")
+        for m in report["models"]:
+            top1 = m.get("top1")
+            logger.info(
+                f"  {m['name']:<16} top1 {'-' if top1 is None else f'{top1:.2f}%'}"
+                f"  params {m.get('params', 0):,}"
+            )
+    return report
+
+
+def evaluate_model(
+    model: nn.Module | str,
+    data: DataConfig | dict[str, Any] | Path | str,
+    split: str = "test",
+    weights: Path | str | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Top-1/top-5 of a model (a module, or a spec such as `timm:resnet18` or a saved file) on an
+    ImageFolder split; `data` is a folder or a `data` recipe section."""
+    from compress.data import ImageFolderData
+    from compress.evaluation import evaluate
+    from compress.models import create_model
+    from compress.pipeline import resolve_device
+
+    if not isinstance(data, DataConfig):
+        raw = {"root": data} if isinstance(data, str | Path) else dict(data)
+        try:
+            data = DataConfig.model_validate(raw)
+        except ValidationError as e:
+            raise InputError("; ".join(validation_problems(e, ("data",)))) from None
+    loaded = ImageFolderData(data)
+    if split not in ("train", "val", "test"):
+        raise InputError(f"split: expected train, val or test (got {split!r})")
+    if isinstance(model, str):
+        weights = Path(weights) if weights is not None else None
+        model = create_model(model, weights=weights, num_classes=loaded.num_classes)[0]
+    result = evaluate(model.eval(), loaded.loader(split), resolve_device(device), desc="eval")
+    return {"split": split, **result}
+
+
+def export(
+    model: nn.Module,
+    path: Path | str,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    dynamo: bool = True,
+) -> dict[str, Any]:
+    """Export a float model to ONNX and check it against PyTorch on random inputs with onnxruntime.
+
+    Returns the file, its size and the largest absolute output difference.
+    """
+    from compress.deploy.onnx_export import check_parity, export_onnx
+
+    path = Path(path)
+    model = model.eval()
+    export_onnx(model, path, tuple(input_size), dynamo=dynamo)
+    parity = check_parity(model, path, torch.randn(8, *input_size))
+    return {"path": str(path), "size_bytes": path.stat().st_size, **parity}
+
+
+def render_report(run_dir: Path | str) -> tuple[Path, Path]:
+    """Write report.md and pareto.png of a run folder from its report.json."""
+    from compress.report import render
+
+    return render(run_dir)
