@@ -22,11 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._common import REPO, SHARED, require, save
-from compress.io import read_json
-from compress.pipeline import Pipeline, resolve_device
-from compress.recipe import parse_recipe
-from compress.report import environment
+from benchmarks._common import REPO, SHARED, require, run_recipe, save
+from compress.runs import RunFolder
 
 TEACHER_RECIPE = REPO / "recipes" / "vit_teacher_cifar10.yaml"
 SCALEKD = {"type": "distill", "method": "scalekd", "teacher_taps": [-2, "norm"]}  # the paper's
@@ -41,14 +38,13 @@ ROWS = {
 }
 
 
-def run_recipe(recipe: dict, out: Path) -> tuple[dict, dict, dict]:
-    """The last model's report entry, its stage's metrics with the stage's `wall_s` (kept across
-    resumed runs), and the teacher's report entry."""
-    report = Pipeline(parse_recipe(recipe), out).run()
-    stage_dir = sorted(p for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())[-1]
-    state = read_json(stage_dir / "stage.json")
-    teacher = next(m for m in report["models"] if m["name"] == "teacher")
-    return report["models"][-1], {**state["metrics"], "wall_s": state["wall_time_s"]}, teacher
+def trained(recipe: dict, out: Path) -> tuple[RunFolder, dict, dict]:
+    """Run a one-stage recipe: the run folder, the report entry of the model its stage made, and
+    that stage's metrics with its `wall_s` (the stage's own time, kept across resumed runs)."""
+    run, _ = run_recipe(recipe, out)
+    stage_type = recipe["stages"][0]["type"]
+    model = run.model(type=stage_type)
+    return run, model, {**run.stage(type=stage_type).metrics, "wall_s": model["wall_time_s"]}
 
 
 def train_teacher(shipped: dict, data: dict, args: argparse.Namespace, out: Path):
@@ -60,7 +56,7 @@ def train_teacher(shipped: dict, data: dict, args: argparse.Namespace, out: Path
         "student": shipped["student"],
         "stages": [train],
     }
-    model, metrics, _ = run_recipe(recipe, out)
+    run, model, metrics = trained(recipe, out)
     print(
         f"teacher: test top-1 {model['top1']:.2f}, {metrics['images_per_s']:.0f} train images/s",
         flush=True,
@@ -72,7 +68,7 @@ def train_teacher(shipped: dict, data: dict, args: argparse.Namespace, out: Path
         "wall_s": metrics["wall_s"],
         "train_time_s": metrics.get("train_time_s"),  # across resumes
     }
-    return out / "00-train" / "model.safetensors", info
+    return run.stage(type="train").model_path, info
 
 
 def main() -> None:
@@ -123,7 +119,7 @@ def main() -> None:
         rows = []
         for method in args.rows:
             stage = {**ROWS[method], **budget, **(kd if method != "no_kd" else {})}
-            model, metrics, teacher = run_recipe({**base, "stages": [stage]}, tmp / method)
+            run, model, metrics = trained({**base, "stages": [stage]}, tmp / method)
             rows.append(
                 {
                     "method": method,
@@ -137,13 +133,14 @@ def main() -> None:
     print(f"{'method':<18}{'top1':>8}{'img/s':>8}")
     for r in rows:
         print(f"{r['method']:<18}{r['test_top1']:>8.2f}{r['train_images_per_s']:>8.0f}")
+    teacher = run.models["teacher"]  # measured by every row's run, on the same test images
     save(
         args.results_name,
         {
             "teacher_test_top1": teacher["top1"],
             "teacher": teacher_info or {"file": str(teacher_file)},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "environment": environment(resolve_device("auto")),
+            "environment": run.report["environment"],
             "wall_s": sum(r["wall_s"] for r in rows) + (teacher_info or {}).get("wall_s", 0),
             "rows": rows,
         },

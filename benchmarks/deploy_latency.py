@@ -1,10 +1,13 @@
 """Deployment latency: the teacher and the shipped recipes' students on every backend here.
 
 Latency p50/p90/p99 at batch 1 and throughput at batch 32 for each model on onnxruntime CPU, and
-where present onnxruntime CUDA and TensorRT FP32/FP16/INT8 (INT8 from compress's Q/DQ route,
-calibrated on real test images), with speed-ups against the teacher on the same backend. A recipe's student is
-the last stage's model in `runs/<recipe name>` (run the recipe first); without one, the quick
-start's student is the pretrained ResNet-20 it starts from.
+where present onnxruntime CUDA and TensorRT FP32/FP16/INT8, with speed-ups against the teacher on
+the same backend. A recipe's student is the final model of its run in `runs/<recipe name>` (run
+the recipe first), as that run's export stage wrote it; without one, the quick start's student is
+the pretrained ResNet-20 it starts from. Every other ONNX file comes from a small recipe run: the
+export stage, and for TensorRT INT8 first the quantize stage's ptq_int8 for the tensorrt target
+(signed INT8 activations, calibrated on 256 training images); an INT8 student runs as its own Q/DQ
+model on every backend.
 Last stdout line: JSON with `rows` (model, backend, precision, batch_size, p50/p90/p99, throughput)
 and `device`.
 """
@@ -13,38 +16,85 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
-from benchmarks._common import REPO, SHARED, require, save
-from benchmarks.quickstart_models import quickstart_models
-from compress.deploy.bench import BenchSettings, bench_sweep, cpu_name
-from compress.deploy.onnx_export import export_onnx
-from compress.models import create_model
-from compress.quant.int8 import calibrate, export_int8_onnx, is_int8, quantize_int8
+from benchmarks._common import (
+    REPO,
+    SHARED,
+    open_run,
+    quickstart_models,
+    require,
+    run_recipe,
+    save,
+)
+from compress.deploy.backends import bench
+from compress.deploy.timing import BenchSettings, cpu_name
+from compress.stages.quantize import INT8_METHODS
+
+# The accuracy gates are off: these runs only make the ONNX files timed here (100 test images).
+EXPORT = {
+    "type": "export",
+    "int8_max_drop": 100,
+    "int8_accuracy_tolerance": 100,
+    "speedup_batch_sizes": None,
+}
+TENSORRT_INT8 = {
+    "type": "quantize",
+    "method": "ptq_int8",
+    "int8_target": "tensorrt",
+    "calibration_batches": 8,  # of 32 training images
+}
 
 
-def int8_onnx(model, out_path: Path, calibration: torch.Tensor) -> Path:
-    """`model` through compress's INT8 route shaped for TensorRT (symmetric per-channel weights,
-    signed activations), calibrated on `calibration` images, as Q/DQ ONNX."""
-    input_size = tuple(calibration.shape[1:])
-    if not is_int8(model):
-        model = quantize_int8(model, "tensorrt", input_size)
-        batches = [(b,) for b in calibration.split(32)]
-        calibrate(model, batches, torch.device("cpu"), len(batches))
-    return export_int8_onnx(model, out_path, input_size)
+@dataclass
+class Model:
+    student: dict  # the recipe `student` mapping that builds it
+    source: str
+    int8: bool = False  # already INT8: its Q/DQ model runs on every backend
+    onnx: Path | None = None  # its ONNX file where a run's export stage wrote it
 
 
-def shipped_students(runs: Path) -> dict[str, tuple[object, str]]:
-    """Each shipped recipe's final model from its run folder (when that run exists)."""
+def export_run(model: Model, out: Path, int8: bool = False) -> Path:
+    """`model` through the export stage (with `int8`, through the quantize stage's TensorRT-shaped
+    ptq_int8 first) in a run folder `out`; the ONNX file it wrote."""
+    data = {
+        "root": str(require(SHARED / "data" / "cifar10")),
+        "limit_per_class": 32,
+        "val_fraction": 0.0,
+        "test_limit_per_class": 10,
+        "augment": "none",
+        "batch_size": 32,
+    }
+    stages = [TENSORRT_INT8, EXPORT] if int8 else [EXPORT]
+    recipe = {"name": "deploy-latency", "data": data, "student": model.student, "stages": stages}
+    run, _ = run_recipe(recipe, out)
+    return run.stage(type="export").file("model.onnx")
+
+
+def shipped_students(runs: Path) -> dict[str, Model]:
+    """Each shipped recipe's final model from its run folder (when that run made one)."""
     out = {}
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         name = yaml.safe_load(recipe.read_text())["name"]
-        models = sorted((runs / name).glob("[0-9][0-9]-*/model.safetensors"))
-        if models:
-            out[f"{name} student"] = (create_model(str(models[-1]))[0].eval(), str(models[-1]))
+        run = open_run(runs / name)
+        made = run.final_stage if run is not None else None
+        if made is None:
+            continue
+        entry = run.models[made.model_name]
+        exported = [
+            s
+            for s in run.stages
+            if s.type == "export" and s.status == "done" and s.model_name == made.model_name
+        ]
+        out[f"{name} student"] = Model(
+            {"model": str(made.model_path)},
+            str(made.model_path),
+            int8=entry.get("quantization") in INT8_METHODS,
+            onnx=exported[-1].file("model.onnx") if exported else None,
+        )
     return out
 
 
@@ -62,41 +112,32 @@ def backends() -> list[tuple[str, str, dict]]:
     return found
 
 
-def calibration_images(n: int = 256) -> torch.Tensor:
-    from compress.config import DataConfig
-    from compress.data import ImageFolderData
-
-    data = ImageFolderData(
-        DataConfig(root=require(SHARED / "data" / "cifar10"), test_limit_per_class=n // 10)
-    )
-    return next(iter(data.loader("test", batch_size=n)))[0]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=Path, default=REPO / "runs", help="folder holding recipe runs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-duration", type=float, default=3.0, help="seconds per timed run")
     args = p.parse_args()
-    settings = BenchSettings(20, 200, args.min_duration, 3, args.threads)
-    teacher, student = quickstart_models(args.runs / "quickstart").values()
+    settings = BenchSettings(
+        warmup=20, min_iters=200, min_duration_s=args.min_duration, repeats=3, threads=args.threads
+    )
+    teacher, student = (Model(*m) for m in quickstart_models(args.runs / "quickstart").values())
     models = {"teacher": teacher, **shipped_students(args.runs)}
     models.setdefault("quickstart student", student)
     available = backends()
-    rows, sources = [], {name: source for name, (_, source) in models.items()}
+    rows, sources = [], {name: model.source for name, model in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration_images() if any(p == "int8" for _, p, _ in available) else None
-        for i, (name, (model, _)) in enumerate(models.items()):
-            if is_int8(model):  # an INT8 student runs as its Q/DQ model on every backend
-                onnx = export_int8_onnx(model, Path(tmp) / f"m{i}.onnx", (3, 32, 32))
-            else:
-                onnx = export_onnx(model, Path(tmp) / f"m{i}.onnx", (3, 32, 32))
+        for i, (name, model) in enumerate(models.items()):
+            onnx = model.onnx or export_run(model, Path(tmp) / f"m{i}")
+            int8_onnx = onnx if model.int8 else None
             for backend, precision, options in available:
                 path = onnx
-                if precision == "int8" and not is_int8(model):
-                    path = int8_onnx(model, Path(tmp) / f"m{i}.qdq.onnx", calib)
+                if precision == "int8":
+                    int8_onnx = int8_onnx or export_run(model, Path(tmp) / f"m{i}-int8", int8=True)
+                    path = int8_onnx
                 label = backend + (f"-{options['provider']}" if "provider" in options else "")
-                for r in bench_sweep(backend, path, [1, 32], settings, options):
+                given = {**settings.model_dump(exclude_unset=True), **options}
+                for r in bench(path, backend, given, [1, 32]):
                     rows.append(
                         {
                             "model": name,

@@ -32,30 +32,31 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import SHARED, add_search_mode, require, save
-from benchmarks.n2n_final_student import (
+from benchmarks._common import (
     RESNET56_PARAMS,
+    SHARED,
+    add_search_mode,
     final_student,
     inherited_candidate,
+    require,
     run_recipe,
+    save,
 )
 from compress.data import ImageFolderData
 from compress.errors import StageFailed
 from compress.models import load_model, save_model
 from compress.recipe import parse_recipe
+from compress.runs import RunFolder
+from compress.search import CandidateRecord, read_history
 from compress.search.surgery import reinitialise
 
 PAPER_EPOCHS = 5
 PAPER_CANDIDATE_IMAGES = PAPER_EPOCHS * 50_000  # the original trains on all of CIFAR-10's train set
 
 
-def search_metrics(report: dict) -> dict:
-    return next(s for s in report["stages"] if s["type"] == "search")["metrics"]
-
-
-def history(out: Path) -> dict[str, dict]:
-    path = next(out.glob("*-search")) / "history.jsonl"
-    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
+def history(run: RunFolder) -> dict[str, CandidateRecord]:
+    """The candidates the search stage of `run` evaluated, by architecture hash."""
+    return {r.key: r for r in read_history(run.stage(type="search").dir)}
 
 
 def rewards(rows: list[dict]) -> list[float]:
@@ -152,14 +153,13 @@ def main() -> None:
             out = root / f"{strategy}-{seed}"
             stages = [{**search, "strategy": strategy}]
             try:
-                report, wall = run_recipe(recipe(f"{strategy}-{seed}", seed, stages), out)
+                run, wall = run_recipe(recipe(f"{strategy}-{seed}", seed, stages), out)
             except StageFailed as e:  # no candidate within the budget: the worst outcome
                 row = {"seed": seed, "best_reward": None, "error": str(e), "run": str(out)}
                 runs[strategy].append(row)
                 print(strategy, json.dumps(row), flush=True)
                 continue
-            m = search_metrics(report)
-            found = next(x for x in report["models"] if x["name"].endswith("-search"))
+            m = run.stage(type="search").metrics
             row = {
                 "seed": seed,
                 "best_reward": m["best_reward"],
@@ -167,7 +167,7 @@ def main() -> None:
                 "best_params": m["best_params"],
                 "best_candidate": m["best_candidate"],
                 "compression": m["teacher_params"] / m["best_params"],
-                "search_test_top1": found["top1"],
+                "search_test_top1": run.model(type="search")["top1"],
                 "candidates": m["candidates_evaluated"],
                 "mean_reward_per_update": m["mean_reward_per_update"],
                 "candidate_eval_s": m["candidate_eval_s"],
@@ -191,7 +191,8 @@ def main() -> None:
         save(name, {"budget": {**budget, "seeds": args.seeds}, **comparison})
         return
     seed = args.seeds[0]
-    best_file = next((root / f"policy_gradient-{seed}").glob("*-search")) / "model.safetensors"
+    searched = RunFolder(root / f"policy_gradient-{seed}")
+    best_file = searched.stage(type="search").model_path
 
     # Inherited weights against re-initialised children trained on the same images
     reinit_out = root / f"reinit-{seed}"
@@ -202,10 +203,12 @@ def main() -> None:
         "mode": "removal",
         "updates": min(args.updates, args.reinit_updates),
     }
-    _, reinit_wall = run_recipe(recipe(f"reinit-{seed}", seed, [reinit_search]), reinit_out)
-    inherited, reinit = history(root / f"policy_gradient-{seed}"), history(reinit_out)
+    reinit_run, reinit_wall = run_recipe(
+        recipe(f"reinit-{seed}", seed, [reinit_search]), reinit_out
+    )
+    inherited, reinit = history(searched), history(reinit_run)
     common = sorted(set(inherited) & set(reinit))
-    pairs = [(inherited[k]["val_top1"], reinit[k]["val_top1"]) for k in common]
+    pairs = [(inherited[k].val_top1, reinit[k].val_top1) for k in common]
 
     # The original's candidate training on the best N2N architecture
     paper = None
@@ -219,7 +222,7 @@ def main() -> None:
             "weight_decay": 5e-4,
             "batch_size": 200,
         }
-        report, wall = run_recipe(
+        run, wall = run_recipe(
             recipe(
                 "paper-candidate",
                 seed,
@@ -237,7 +240,7 @@ def main() -> None:
             seed,
         ).samples("train")
         paper = {
-            "test_top1": report["models"][-1]["top1"],
+            "test_top1": run.model(type="distill")["top1"],
             "epochs": args.paper_epochs,
             "train_images": args.paper_epochs * len(split),
             "wall_s": wall,
@@ -261,7 +264,7 @@ def main() -> None:
             "lr": args.budget_lr,
             "warmup_epochs": 0.1,
         }
-        report, wall = run_recipe(
+        run, wall = run_recipe(
             recipe(
                 f"inherited-{steps}",
                 seed,
@@ -273,7 +276,7 @@ def main() -> None:
         point = {
             "steps": epochs * stage["max_steps_per_epoch"],
             "train_images": epochs * stage["max_steps_per_epoch"] * args.candidate_batch_size,
-            "test_top1": report["models"][-1]["top1"],
+            "test_top1": run.model(type="distill")["top1"],
             "wall_s": wall,
         }
         point["images_vs_paper"] = point["train_images"] / PAPER_CANDIDATE_IMAGES
@@ -290,10 +293,7 @@ def main() -> None:
         "augment": "crop_flip",
     }
     final_row = final_student(base, final, root / "final", n2n[0]["best_candidate"])
-    stage_json = json.loads(
-        (next((root / f"policy_gradient-{seed}").glob("*-search")) / "stage.json").read_text()
-    )
-    candidate_images = stage_json["metrics"]["candidate_train_images"]
+    candidate_images = searched.stage(type="search").metrics["candidate_train_images"]
     result = {
         "budget": {
             k: getattr(args, k)

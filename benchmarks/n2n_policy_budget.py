@@ -32,8 +32,9 @@ from typing import Any
 from benchmarks._common import add_search_mode, save
 from compress.models import create_model
 from compress.search.budget import CostBound, cost_bounds
-from compress.search.loop import PolicySearch, SearchSettings
+from compress.search.loop import PolicySearch
 from compress.search.reward import reward
+from compress.search.settings import SearchSettings
 from compress.search.surgery import Candidate
 from compress.search.units import Unit, find_units
 
@@ -81,13 +82,12 @@ def best_reward(
 ) -> float:
     """The best reward of one search; `settings_fields` are further `SearchSettings` fields."""
     settings = SearchSettings(
-        strategy=strategy, updates=updates, rollouts=rollouts, seed=seed, **settings_fields
+        strategy=strategy, updates=updates, rollouts=rollouts, **settings_fields
     )
+    evaluate = synthetic_evaluate(units, total, 1000 + seed)
     with tempfile.TemporaryDirectory() as tmp:
-        best = PolicySearch(
-            units, synthetic_evaluate(units, total, 1000 + seed), settings, Path(tmp), bounds=bounds
-        ).run()
-    return best["reward_raw"] if best else -1.0
+        best = PolicySearch(units, evaluate, settings, Path(tmp), seed=seed, bounds=bounds).run()
+    return best.reward_raw if best else -1.0
 
 
 def main() -> None:
@@ -97,8 +97,9 @@ def main() -> None:
     )
     p.add_argument("--seeds", type=int, default=16)
     add_search_mode(p, "the search stage's mode (updates x rollouts are per phase)")
-    p.add_argument("--policy-lr", type=float, default=SearchSettings.policy_lr)
-    p.add_argument("--entropy-weight", type=float, default=SearchSettings.entropy_weight)
+    defaults = SearchSettings()
+    p.add_argument("--policy-lr", type=float, default=defaults.policy_lr)
+    p.add_argument("--entropy-weight", type=float, default=defaults.entropy_weight)
     p.add_argument("--name", default=None, help="results/NAME.json (default from the flags)")
     p.add_argument(
         "--free-actions",
@@ -110,7 +111,7 @@ def main() -> None:
     model, _ = create_model("cifar_resnet56")
     units = find_units(model, (3, 32, 32))
     total = float(sum(q.numel() for q in model.parameters()))
-    scales = SearchSettings().scales
+    scales = defaults.scales
     limits = {"params": total / 3}
     bounds = (
         []

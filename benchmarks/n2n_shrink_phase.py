@@ -20,13 +20,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
-from benchmarks._common import require, save
-from benchmarks.n2n_cifar10 import inherited_candidate, run_recipe, search_metrics
-from compress.pipeline import RECIPE_FILE
-from compress.search.loop import HISTORY_FILE, STATE_FILE
+from benchmarks._common import inherited_candidate, require, run_recipe, save
+from compress.runs import RECIPE_FILE
+from compress.search import read_history, read_search_state
+from compress.search.records import STATE_FILE
 
 
 def main() -> None:
@@ -39,8 +38,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="keep the runs here")
     args = p.parse_args()
-    state = torch.load(require(args.source / STATE_FILE), weights_only=True)
-    removed = json.loads(state["stage1"])["candidate"]["removed"]
+    stage1 = read_search_state(require(args.source / STATE_FILE).parent).stage1
+    if stage1 is None:
+        raise SystemExit(f"{args.source}: the search has no finished removal phase")
+    removed = stage1.removed
     source = yaml.safe_load(require(args.source.parent / RECIPE_FILE).read_text())
     search = next(st for st in source["stages"] if st["type"] == "search")
     root = args.out or Path(tempfile.mkdtemp(prefix="n2n-shrink-"))
@@ -69,20 +70,18 @@ def main() -> None:
             "stages": [stage],
         }
         out = root / f"{strategy}-{args.updates}"
-        report, wall = run_recipe(recipe, out)
-        m = search_metrics(report)
-        history = next(out.glob("*-search")) / HISTORY_FILE
-        records = [json.loads(line) for line in history.read_text().splitlines()]
-        valid = [
-            r["reward_raw"] for r in records if r["reward_raw"] is not None and not r["violates"]
-        ]
+        run, wall = run_recipe(recipe, out)
+        found = run.stage(type="search")
+        m = found.metrics
+        records = read_history(found.dir)
+        valid = [r.reward_raw for r in records if r.valid and not r.violates]
         row = {
             "strategy": strategy,
             "best_reward": m["best_reward"],
             "best_val_top1": m["best_val_top1"],
             "best_params": m["best_params"],
             "candidates": len(records),
-            "over_budget": sum(r["violates"] for r in records),
+            "over_budget": sum(r.violates for r in records),
             "mean_valid_reward": statistics.mean(valid),
             "candidate_eval_s": m["candidate_eval_s"],
             "wall_s": wall,  # of this invocation: a resumed run's is short

@@ -1,16 +1,17 @@
-"""Quantization on CIFAR-10: quantized distillation against plain QAT and PTQ, and learned points.
+"""Quantization on CIFAR-10: quantized distillation against plain QAT, and learned points.
 
 Teacher cifar_resnet56 (shared weights); the student is the pretrained cifar_resnet20 distilled for
 `--epochs` in full precision first ("fp32_distilled"); every quantized row then starts from that
 student with the same budget (`--epochs` over `--per-class` images per class, no augmentation):
 - quantized_distillation: KD loss (T 2, alpha 0.7) with quantized weights;
 - qat_no_distillation: the same with alpha 0 (cross-entropy only), the paper's comparison;
-- ptq: the student's weights rounded to the same levels, no training;
 - differentiable_quantization: learned points at 2 and 4 bits;
 - ptq_int8 / qat_int8 (Brevitas, exported as Q/DQ ONNX): calibration only, and calibration plus
   `--epochs` of KD; for the onnxruntime target (uint8 activations) and, PTQ only, the TensorRT one
   (int8 activations). Each row gives PyTorch and onnxruntime test top-1; the ONNX files are then
-  timed with the FP32 student's ONNX in one interleaved run (onnxruntime CPU, batch 1 and 32).
+  timed with the FP32 student's ONNX (the quantize stage's `float.onnx`) in alternation
+  (onnxruntime CPU, batch 1 and 32).
+Every row is a recipe run (distill, quantize, export stages).
 Last stdout line: JSON with `rows`, `latency` and the INT8 speed-ups.
 """
 
@@ -20,24 +21,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
-from benchmarks._common import SHARED, require, save
-from compress.config import DataConfig
-from compress.data import ImageFolderData
-from compress.deploy.bench import bench_onnxruntime
-from compress.deploy.onnx_export import export_onnx
-from compress.evaluation import evaluate
-from compress.models import load_model
-from compress.pipeline import Pipeline
-from compress.quant.size import size_report
-from compress.quant.weights import WeightQuantizer
-from compress.recipe import parse_recipe
-
-
-def run_recipe(recipe: dict, out: Path) -> dict:
-    report = Pipeline(parse_recipe(recipe), out).run()
-    return report["models"][-1]
+from benchmarks._common import SHARED, require, run_recipe, save
+from compress.deploy.onnxruntime_backend import interleaved_p50
+from compress.deploy.timing import BenchSettings
 
 
 def row(method: str, bits: int | None, model: dict) -> dict:
@@ -76,7 +62,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fp = run_recipe(
+        fp32, _ = run_recipe(
             {
                 **base,
                 "student": {
@@ -95,63 +81,39 @@ def main() -> None:
             },
             tmp / "fp32",
         )
-        rows.append(row("fp32_distilled", None, fp))
-        student = {"model": str(tmp / "fp32" / "00-distill" / "model.safetensors")}
-        test = ImageFolderData(DataConfig(**data)).loader("test")
+        rows.append(row("fp32_distilled", None, fp32.model(type="distill")))
+        student = {"model": str(fp32.stage(type="distill").model_path)}
+
+        def quantized(stages: list[dict], name: str):
+            run, _ = run_recipe({**base, "student": student, "stages": stages}, tmp / name)
+            return run
+
         quantize = {"type": "quantize", "epochs": args.epochs}
         for bits in args.bits:
             for method, extra in (
                 ("quantized_distillation", {}),
                 ("qat_no_distillation", {"alpha": 0.0}),
             ):
-                stage = {**quantize, "bits": bits, **extra}
-                out = tmp / f"{method}{bits}"
-                rows.append(
-                    row(
-                        method,
-                        bits,
-                        run_recipe({**base, "student": student, "stages": [stage]}, out),
-                    )
-                )
-            model, _ = load_model(Path(student["model"]))
-            rounder = WeightQuantizer(model, bits)
-            rounder.on_train_end(model)
-            size = size_report(model, rounder.codes())
-            top1 = evaluate(model, test, torch.device("cpu"))["top1"]
-            rows.append(
-                {
-                    "method": "ptq",
-                    "bits": bits,
-                    "test_top1": top1,
-                    "size_bytes": None,
-                    "size_is": "not written",
-                    "huffman_size_bytes": size["quantized_size_bytes"],
-                    "bits_per_weight": size["bits_per_weight"],
-                }
-            )
+                run = quantized([{**quantize, "bits": bits, **extra}], f"{method}{bits}")
+                rows.append(row(method, bits, run.model(type="quantize")))
         for bits in [b for b in args.bits if b <= 4]:
             stage = {**quantize, "bits": bits, "method": "differentiable_quantization"}
-            out = tmp / f"dq{bits}"
-            rows.append(
-                row(
-                    "differentiable_quantization",
-                    bits,
-                    run_recipe({**base, "student": student, "stages": [stage]}, out),
-                )
-            )
-        onnx = {"fp32": tmp / "fp32.onnx"}
-        export_onnx(load_model(Path(student["model"]))[0], onnx["fp32"], (3, 32, 32))
+            run = quantized([stage], f"dq{bits}")
+            rows.append(row("differentiable_quantization", bits, run.model(type="quantize")))
+        onnx = {}
+        # the INT8 models are timed below, all in one interleaved run, so not by the export stage
+        export = {"type": "export", "speedup_batch_sizes": None}
         for method, target in (
             ("ptq_int8", "onnxruntime"),
             ("qat_int8", "onnxruntime"),
             ("ptq_int8", "tensorrt"),
         ):
             stage = {**quantize, "method": method, "int8_target": target}
-            out = tmp / f"{method}_{target}"
-            model = run_recipe(
-                {**base, "student": student, "stages": [stage, {"type": "export"}]}, out
-            )
-            onnx[f"{method}_{target}"] = out / "01-export" / "model.onnx"
+            run = quantized([stage, export], f"{method}_{target}")
+            if not onnx:  # the student's FP32 export, the reference the INT8 models are timed on
+                onnx["fp32"] = run.stage(type="quantize").file("float.onnx")
+            onnx[f"{method}_{target}"] = run.stage(type="export").file("model.onnx")
+            model = run.model(type="quantize")
             rows.append(
                 {
                     **row(method, 8, model),
@@ -163,12 +125,9 @@ def main() -> None:
                     "int8_size_bytes": model["quantized_size_bytes"],  # weights + scales
                 }
             )
-        latency = {name: {} for name in onnx}
-        for batch in (1, 32):
-            for name, path in onnx.items():  # one model after another, same conditions
-                latency[name][f"b{batch}"] = bench_onnxruntime(
-                    path, batch, args.threads, min_duration_s=2.0
-                )["p50_ms"]
+        settings = BenchSettings(min_duration_s=2.0, threads=args.threads)
+        p50 = interleaved_p50(onnx, [1, 32], settings)  # models in alternation, same conditions
+        latency = {name: {f"b{b}": p50[str(b)][name] for b in (1, 32)} for name in onnx}
     print(f"{'method':<28}{'bits':>5}{'top1':>8}{'onnx':>8}{'bits/w':>8}{'Huffman B':>11}")
     for r in rows:
         onnx_top1 = r.get("onnx_test_top1")

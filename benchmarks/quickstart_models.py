@@ -13,49 +13,32 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import REPO, SHARED, require, save
+from benchmarks._common import REPO, SHARED, quickstart_models, require, save
+from compress.api import export
 from compress.config import DataConfig
 from compress.data import ImageFolderData
-from compress.deploy.bench import bench_onnxruntime
-from compress.deploy.onnx_export import export_onnx
-from compress.evaluation import count_flops, count_params, evaluate
+from compress.deploy.backends import bench
+from compress.evaluation import evaluate
 from compress.models import create_model
+from compress.pipeline import model_facts
 
 
 def describe(name: str, model, data: ImageFolderData, batch_sizes, threads, tmp: Path) -> dict:
     acc = evaluate(model, data.loader("test"), torch.device("cpu"), desc=name)
-    onnx = export_onnx(model, tmp / f"{name}.onnx", data.input_size)
+    facts = model_facts(model, data.input_size)
+    onnx = export(model, tmp / f"{name}.onnx", data.input_size)["path"]
+    options = {"threads": threads, "warmup": 20, "min_iters": 200, "min_duration_s": 5}
     latency = {
-        f"batch_{b}": bench_onnxruntime(
-            onnx, b, threads, warmup=20, min_iters=200, min_duration_s=5
-        )
-        for b in batch_sizes
+        f"batch_{r['batch_size']}": r for r in bench(onnx, "onnxruntime", options, batch_sizes)
     }
     return {
         "top1": acc["top1"],
         "top5": acc["top5"],
         "test_n": acc["n"],
-        "params": count_params(model),
-        "flops": count_flops(model, data.input_size),
+        "params": facts["params"],
+        "flops": facts["flops"],
         "p50_ms": {k: v["p50_ms"] for k, v in latency.items()},
         "latency": latency,
-    }
-
-
-def quickstart_models(run: Path) -> dict[str, tuple[torch.nn.Module, str]]:
-    """The quick start's teacher and student (the distilled one from `run` when present), in eval
-    mode, each with where it came from."""
-    weights = require(SHARED / "weights" / "cifar_resnet")
-    teacher = create_model("cifar_resnet56", weights=weights / "resnet56-4bfd9763.th")[0]
-    distilled = sorted(Path(run).glob("*-distill/model.safetensors"))
-    if distilled:
-        student, source = create_model(str(distilled[-1]))[0], str(distilled[-1])
-    else:
-        student = create_model("cifar_resnet20", weights=weights / "resnet20-12fca82f.th")[0]
-        source = "pretrained resnet20 (no quickstart run found)"
-    return {
-        "teacher": (teacher.eval(), "pretrained resnet56"),
-        "student": (student.eval(), source),
     }
 
 
@@ -70,7 +53,11 @@ def main() -> None:
             root=require(SHARED / "data" / "cifar10"), test_limit_per_class=args.test_per_class
         )
     )
-    (teacher, _), (student, student_source) = quickstart_models(args.run).values()
+    (teacher_cfg, _), (student_cfg, student_source) = quickstart_models(args.run).values()
+    teacher, student = (
+        create_model(cfg["model"], weights=Path(cfg["weights"]) if "weights" in cfg else None)[0]
+        for cfg in (teacher_cfg, student_cfg)
+    )
     batch_sizes = (1, 32)
     with tempfile.TemporaryDirectory() as tmp:
         t = describe("teacher", teacher.eval(), data, batch_sizes, args.threads, Path(tmp))

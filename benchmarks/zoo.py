@@ -26,14 +26,14 @@ from pathlib import Path
 import onnx
 import torch
 
-from benchmarks._common import SHARED, require, save
+from benchmarks._common import SHARED, require, run_recipe, save
+from compress.api import as_recipe
 from compress.data import ImageFolderData
-from compress.deploy.bench import BenchSettings, cpu_name, default_threads, interleaved_p50
 from compress.deploy.onnx_export import OnnxRuntimeModel
+from compress.deploy.onnxruntime_backend import interleaved_p50
+from compress.deploy.timing import BenchSettings, cpu_name, default_threads
 from compress.evaluation import evaluate
-from compress.pipeline import Pipeline
 from compress.quant.ort_int8 import calibration_batches, onnx_int8_size, saturating_u8s8_cpu
-from compress.recipe import parse_recipe
 
 ARCHITECTURES = [
     "cifar_resnet20",
@@ -148,13 +148,12 @@ def op_type_ms(path: Path, batch: int, threads: int, runs: int = 20) -> dict[str
 def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     out = work / arch.replace(":", "_")
-    recipe = parse_recipe(recipe_for(arch, args))
-    report = Pipeline(recipe, out).run()
-    stages = {s["type"]: s for s in report["stages"]}
-    quantize = stages["quantize"]["metrics"]
+    recipe = as_recipe(recipe_for(arch, args))
+    run, _ = run_recipe(recipe, out)
+    quantize = run.stage(type="quantize")
     paths = {
-        "fp32": out / "01-quantize" / "float.onnx",
-        "compress": out / "02-export" / "model.onnx",
+        "fp32": quantize.file("float.onnx"),  # the FP32 model the quantize stage started from
+        "compress": run.stage(type="export").file("model.onnx"),
         "onnxruntime": out / "ort_quantize_static.onnx",
     }
     data = ImageFolderData(recipe.data, args.seed)
@@ -185,9 +184,9 @@ def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> d
         "speedup_vs_fp32": speedup,
         "compress_vs_onnxruntime": {b: p50[b]["onnxruntime"] / p50[b]["compress"] for b in p50},
         "int8_layers": layers,
-        "float_groups": quantize.get("float_groups"),
-        "reduce_range": quantize.get("reduce_range"),
-        "placement_trials": quantize.get("placement_trials"),
+        "float_groups": quantize.metrics.get("float_groups"),
+        "reduce_range": quantize.metrics.get("reduce_range"),
+        "placement_trials": quantize.metrics.get("placement_trials"),
         "wall_s": time.perf_counter() - t0,
     }
     if min(speedup["compress"].values()) < 1.3:
