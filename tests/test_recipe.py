@@ -88,7 +88,8 @@ def test_distill_without_teacher_is_rejected(tmp_path, small_recipe):
     assert "distill_from: input" in message
 
 
-def test_shipped_recipes_validate(tmp_path, monkeypatch):
+def test_shipped_recipes_validate(tmp_path, monkeypatch, cifar_root, resnet56_weights):
+    """The shipped recipes name the shared data and weights: without them this test skips."""
     from compress.models import create_model, save_model
 
     # vit_to_cnn_cifar10 distils the ViT that vit_teacher_cifar10 trains: stand in a saved one.
