@@ -99,9 +99,10 @@ def test_shipped_recipes_validate(tmp_path, monkeypatch, cifar_root, resnet56_we
     monkeypatch.setenv(
         "COMPRESS_VIT_TEACHER", str(save_model(vit, spec, tmp_path / "vit.safetensors"))
     )
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
-        result = run_cli("validate", str(path))
-        assert result.returncode == 0, (path, result.stderr)
+    from compress.cli import main
+
+    for path in sorted((REPO / "recipes").glob("*.yaml")):  # in-process: the same command
+        assert main(["validate", str(path)]) == 0, path
 
 
 def test_recipe_reference_documents_every_field():
