@@ -166,12 +166,17 @@ def _counting(calls: list):
     return evaluate
 
 
+def _uninterrupted(folder, units, settings, calls: list) -> list:
+    """The history of the same search run start to finish (times left out)."""
+    PolicySearch(units, _counting(calls), settings, folder, seed=2).run()
+    return _without_times(folder / HISTORY_FILE)
+
+
 def test_an_interrupted_search_resumes_where_it_stopped(tmp_path):
     units = synthetic_units(6)
     settings = SearchSettings(mode="joint", updates=4, rollouts=3)
     calls: list[str] = []
-    PolicySearch(units, _counting(calls), settings, tmp_path / "whole", seed=2).run()
-    whole = _without_times(tmp_path / "whole" / HISTORY_FILE)
+    whole = _uninterrupted(tmp_path / "whole", units, settings, calls)
     whole_calls = len(calls)
 
     calls.clear()
@@ -238,9 +243,7 @@ def _as_first_layout(state: SearchState) -> dict:
 def test_a_state_file_of_the_earlier_layout_resumes(tmp_path):
     units = synthetic_units(6)
     settings = SearchSettings(mode="sequential", updates=2, rollouts=3)
-    calls: list[str] = []
-    PolicySearch(units, _counting(calls), settings, tmp_path / "whole", seed=2).run()
-    whole = _without_times(tmp_path / "whole" / HISTORY_FILE)
+    whole = _uninterrupted(tmp_path / "whole", units, settings, [])
 
     _interrupted(tmp_path / "cut", units, settings, 8, [])  # in the shrink phase
     state = read_search_state(tmp_path / "cut")
