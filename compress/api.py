@@ -48,8 +48,13 @@ def as_recipe(
 
 
 def preflight_warnings(recipe: Recipe) -> list[str]:
-    """Problems a stage will hit when it runs (e.g. TensorRT asked for but missing), by stage."""
-    return [
+    """Problems the run will hit on this machine (e.g. CUDA or TensorRT asked for but missing)."""
+    import torch
+
+    warnings = []
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        warnings.append("device: cuda, but this machine has no CUDA device (use auto or cpu)")
+    return warnings + [
         f"stages[{i}] ({stage.type}): {w}"
         for i, stage in enumerate(recipe.stages)
         for w in getattr(stage, "preflight_warnings", list)()

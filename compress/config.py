@@ -7,6 +7,7 @@ and stage modules can use these types without importing the loader.
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,10 +28,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, values are validated on assignment too."""
+MAX_INT = 2**53
+"""No integer setting is larger (the largest integer JSON round-trips exactly)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _wants_int(annotation: Any) -> bool:
+    """True for `int`, `int | None` and the like, where a boolean is surely a mistake."""
+    args = typing.get_args(annotation) or (annotation,)
+    return int in args and bool not in args
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, values are validated on assignment too, floats
+    are finite, and integer fields take neither booleans nor absurd magnitudes."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_integers(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _wants_int(field.annotation):
+            if isinstance(v, bool):
+                raise ValueError(f"expected an integer, not the boolean {str(v).lower()}")
+            if isinstance(v, int) and abs(v) > MAX_INT:
+                raise ValueError(f"{v} is out of range (at most {MAX_INT:,})")
+        return v
 
 
 def resolve_path(value: Any, info: ValidationInfo) -> Any:
@@ -71,23 +94,27 @@ class DataConfig(StrictModel):
         None, gt=0, description="Use at most this many test images per class."
     )
     image_size: int | None = Field(
-        None, gt=0, description="Model input side; null keeps the images' own (square) size."
+        None,
+        gt=0,
+        le=4096,
+        description="Model input side; null keeps the images' own (square) size.",
     )
     resize: int | None = Field(
         None,
         gt=0,
+        le=8192,
         description="Shorter side after decoding; default image_size/0.875 for >= 64 px, else none.",
     )
     augment: Literal["none", "flip", "crop_flip", "random_resized_crop"] = Field(
         "crop_flip",
         description="Train augmentation (CIFAR: crop_flip; ImageNet: random_resized_crop).",
     )
-    crop_padding: int = Field(4, ge=0, description="Padding for augment=crop_flip.")
+    crop_padding: int = Field(4, ge=0, le=1024, description="Padding for augment=crop_flip.")
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Normalisation mean (RGB).")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="Normalisation std (RGB).")
-    batch_size: int = Field(128, gt=0, description="Training batch size (per process).")
-    eval_batch_size: int = Field(256, gt=0, description="Evaluation batch size.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    batch_size: int = Field(128, gt=0, le=65_536, description="Training batch size (per process).")
+    eval_batch_size: int = Field(256, gt=0, le=65_536, description="Evaluation batch size.")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes.")
     cache_mb: int = Field(
         4096, ge=0, description="Hold decoded images in memory when a split fits this budget (MiB)."
     )

@@ -64,12 +64,109 @@ def content_digest(path: Path | str) -> str:
     return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def read_yaml(path: Path | str) -> Any:
-    """A YAML file's content (safe loader); InputError naming the file when it is not valid YAML."""
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _yaml_loader_class() -> type:
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        """The safe loader, refusing duplicate keys (naming both lines)."""
+
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *alias` merges; its keys may be overridden
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: PyYAML reports it itself
+                    continue
+                if first != line:
+                    raise _DuplicateKey(f"duplicate key {key!r} on lines {first} and {line}")
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (shared nodes counted each
+    time they are referenced); ValueError on an alias that refers to itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ValueError("an alias refers to the node that contains it")
+    open_.add(key)
+    children: list[Any] = []
+    if isinstance(node.value, list):
+        for item in node.value:
+            children.extend(item if isinstance(item, tuple) else (item,))
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_)
+        if total > MAX_YAML_NODES:
+            break
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text (safe loader, no duplicate keys, bounded alias expansion); InputError
+    naming `where` (a file or a flag) when it is not valid or too large."""
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise InputError(f"{where}: larger than {MAX_YAML_BYTES >> 20} MiB; a recipe is a few KiB")
+    loader = _yaml_loader_class()(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, set())
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+        if size > MAX_YAML_NODES:
+            raise InputError(
+                f"{where}: its aliases expand to more than {MAX_YAML_NODES:,} values; "
+                "write the values out or use fewer nested aliases"
+            )
+        return loader.construct_document(node)
+    except _DuplicateKey as e:
+        raise InputError(f"{where}: {e}; keep one") from None
+    except yaml.YAMLError as e:
+        detail = str(e).replace('"<unicode string>"', where)
+        raise InputError(f"{where}: not valid YAML ({detail})") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path | str) -> Any:
+    """A YAML file's content (see `parse_yaml`); InputError naming the file when it cannot be read,
+    is not UTF-8 or is not valid YAML."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({e})") from None
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise InputError(
+                f"{path}: larger than {MAX_YAML_BYTES >> 20} MiB; a recipe is a few KiB"
+            )
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from None
+    return parse_yaml(text.removeprefix("\ufeff"), str(path))

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     Field,
@@ -27,7 +26,7 @@ from compress.config import (
     validation_problems,
 )
 from compress.errors import InputError
-from compress.io import read_yaml
+from compress.io import parse_yaml, read_yaml
 
 
 class Recipe(StrictModel):
@@ -36,7 +35,9 @@ class Recipe(StrictModel):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name (folder-safe)."
     )
-    seed: int = Field(0, description="Seed for data splits, initialisation and shuffling.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed for data splits, initialisation and shuffling."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks cuda if present."
     )
@@ -116,7 +117,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
         raise InputError(f"--set {assignment!r}: empty key")
-    value = yaml.safe_load(value_text)
+    value = parse_yaml(value_text, f"--set {key.strip()}")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1

@@ -60,12 +60,21 @@ class BenchSettings(StrictModel):
     options model extends it."""
 
     warmup: int = Field(
-        10, ge=0, description="Untimed calls before timing (trtexec: milliseconds, at least 200)."
+        10,
+        ge=0,
+        le=1_000_000,
+        description="Untimed calls before timing (trtexec: milliseconds, at least 200).",
     )
-    min_iters: int = Field(100, gt=0, description="Timed calls per run, at least.")
-    min_duration_s: float = Field(2.0, ge=0, description="Seconds per timed run, at least.")
-    repeats: int = Field(3, gt=0, description="Timed runs; each statistic is the median over them.")
-    threads: int | None = Field(None, gt=0, description="Intra-op threads (default: all CPUs).")
+    min_iters: int = Field(100, gt=0, le=10_000_000, description="Timed calls per run, at least.")
+    min_duration_s: float = Field(
+        2.0, ge=0, le=3600, description="Seconds per timed run, at least."
+    )
+    repeats: int = Field(
+        3, gt=0, le=1000, description="Timed runs; each statistic is the median over them."
+    )
+    threads: int | None = Field(
+        None, gt=0, le=1024, description="Intra-op threads (default: all CPUs)."
+    )
 
     def timing(self) -> dict[str, Any]:
         """The timing settings alone (what results record as `flags`)."""

@@ -39,12 +39,14 @@ METRICS_LOG = "metrics.jsonl"
 class TrainingConfig(StrictModel):
     """Optimisation settings shared by every stage that trains."""
 
-    epochs: int = Field(gt=0, description="Passes over the training split.")
+    epochs: int = Field(gt=0, le=10_000, description="Passes over the training split.")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum) or adamw.")
     lr: float = Field(0.05, gt=0, description="Peak learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(5e-4, ge=0, description="Applied to weights, not to norms/biases.")
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup length (may be fractional).")
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=10_000, description="Linear warmup length (may be fractional)."
+    )
     min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedule.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
