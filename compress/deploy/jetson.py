@@ -38,7 +38,7 @@ LOCK_CLOCKS = (
 
 def probe(target: SSHTarget) -> dict[str, str]:
     """What the device is and which tools it has (missing ones are simply absent)."""
-    out = target.ssh(PROBE.replace("__PY__", target.remote_python), timeout=120)
+    out = target.ssh(PROBE.replace("__PY__", target.python()), timeout=120)
     info = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     if info.pop("probe", None) != "ok":
         raise RemoteError(f"ssh {target.host}: probe gave no answer (output: {out[:200]!r})")
@@ -115,7 +115,7 @@ def with_power(script: str, info: dict[str, str], workdir: str) -> str:
     """`script` with tegrastats sampling into `workdir/power.log` while it runs (if present)."""
     if "tegrastats" not in info:
         return script
-    log = f"{workdir}/power.log"
+    log = shlex.quote(f"{workdir}/power.log")
     return (
         f"{shlex.quote(info['tegrastats'])} --interval 100 > {log} 2>/dev/null & TS=$!; "
         f"{script}; rc=$?; kill $TS 2>/dev/null; exit $rc"

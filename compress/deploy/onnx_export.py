@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.deploy.external_data import external_data_files
 from compress.io import atomic_path
 
 
@@ -27,6 +28,7 @@ def checked_onnx_file(path: Path) -> Iterator[Path]:
         onnx_path = tmp.with_suffix(".onnx")
         try:
             yield onnx_path
+            external_data_files(onnx_path)  # before the checker reads any
             onnx.checker.check_model(str(onnx_path))
             onnx_path.replace(tmp)
         finally:
@@ -75,7 +77,8 @@ def onnxruntime_session(
     path: Path | bytes, threads: int | None = None, provider: str = "cpu", spinning: bool = True
 ):
     """An inference session (of a file, or of a serialised model) with all graph optimisations
-    and an explicit thread count.
+    and an explicit thread count. A file's external data must lie in its folder
+    (`compress.deploy.external_data`).
 
     `provider`: `cpu`, or `cuda` for the CUDA execution provider (an error names what is missing).
     `spinning: False` stops idle worker threads from spinning, for sessions timed in alternation
@@ -101,6 +104,8 @@ def onnxruntime_session(
             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA host, "
             "or use provider cpu"
         )
+    if not isinstance(path, bytes):
+        external_data_files(path)
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, options, providers=providers)
 

@@ -10,16 +10,18 @@ temporary folder.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from compress.config import StrictModel
 from compress.deploy.devices import apply_profile, load_profile, profile_names
+from compress.deploy.external_data import external_data_files
 from compress.deploy.jetson import (
     add_energy,
     check_profile,
@@ -28,7 +30,7 @@ from compress.deploy.jetson import (
     probe,
     with_power,
 )
-from compress.deploy.ssh import RemoteError, SSHTarget
+from compress.deploy.ssh import RemoteError, SSHTarget, command_words, destination_problem
 from compress.deploy.timing import (
     DEFAULT_PRECISION,
     Backend,
@@ -49,6 +51,10 @@ from compress.deploy.trtexec import (
 from compress.errors import InputError
 from compress.log import logger
 
+# Names that mean the same to a remote shell and to SFTP (scp -O hands paths to the shell).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._+][A-Za-z0-9._+-]*")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._+/-]+")
+
 
 class SSHDevice(StrictModel):
     """A remote device for `backend: ssh`; unset values come from `~/.ssh/config`."""
@@ -59,7 +65,12 @@ class SSHDevice(StrictModel):
     identity_file: str | None = Field(None, description="Private key file (no passwords are used).")
     known_hosts: str | None = Field(None, description="known_hosts file; host keys are checked.")
     ssh_config: str | None = Field(None, description="ssh config file instead of ~/.ssh/config.")
-    remote_python: str = Field("python3", description="Remote interpreter that has compress.")
+    remote_python: str = Field(
+        "python3",
+        description="Remote interpreter that has compress, as a command prefix split into words "
+        "like a shell does (`/opt/venv/bin/python`, `env PYTHONPATH=/src python3`); each word is "
+        "passed as is: no shell syntax ($VAR, ~, ;, |) is expanded or run.",
+    )
     remote_backend: Literal["auto", "compress", "trtexec"] = Field(
         "auto", description="auto: compress bench when installed there, else trtexec."
     )
@@ -73,6 +84,23 @@ class SSHDevice(StrictModel):
         "(default: the device profile's, else no).",
     )
     timeout_s: TimeoutS = 1800
+
+    @field_validator("host", "user")
+    @classmethod
+    def _plain_destination(cls, v: str | None) -> str | None:
+        problem = None if v is None else destination_problem(v)
+        if problem:
+            raise ValueError(f"{v!r}: {problem}")
+        return v
+
+    @field_validator("remote_python")
+    @classmethod
+    def _command_prefix(cls, v: str) -> str:
+        try:
+            command_words(v)
+        except InputError as e:
+            raise ValueError(str(e).removeprefix("remote_python ")) from None
+        return v
 
     @field_validator("device_profile")
     @classmethod
@@ -119,23 +147,26 @@ class RemoteRun:
         return fetch_power(self.target, self.info, self.workdir, self.local)
 
 
-def external_data_files(path: Path) -> list[Path]:
-    """The model's external-data files (e.g. `model.onnx.data`), which must travel with it."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    found: set[str] = set()
-    for t in model.graph.initializer:
-        if uses_external_data(t):
-            for entry in t.external_data:
-                if entry.key == "location":
-                    found.add(entry.value)
-    files = [path.parent / f for f in sorted(found)]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise InputError(f"{path}: external data file(s) missing: {', '.join(missing)}")
-    return files
+def upload(target: SSHTarget, path: Path, workdir: str) -> str:
+    """Copy the model and its external-data files (checked: only files inside its folder) to
+    `workdir` on the device, keeping their relative paths; return the remote model path."""
+    data = external_data_files(path)
+    folders: dict[str, list[str]] = {"": [str(path.absolute())]}
+    for location, file in data.items():
+        folder = str(PurePosixPath(location).parent)
+        folder = "" if folder == "." else folder
+        if folder and not all(_SAFE_NAME.fullmatch(part) for part in folder.split("/")):
+            raise InputError(
+                f"{path}: external data folder {folder!r}: the ssh backend copies subfolders "
+                "whose names use only letters, digits and ._+-"
+            )
+        folders.setdefault(folder, []).append(str(file))
+    made = [f"{workdir}/{folder}" for folder in folders if folder]
+    if made:
+        target.ssh("mkdir -p -- " + " ".join(map(shlex.quote, made)), timeout=60)
+    for folder, sources in folders.items():
+        target.scp(sources, target.remote(f"{workdir}/{folder}".rstrip("/") + "/"))
+    return f"{workdir}/{path.name}"
 
 
 def choose_remote(info: dict[str, str], wanted: str, remote_python: str, host: str) -> str:
@@ -178,17 +209,19 @@ def bench_ssh(
         remote_python=options.remote_python,
         timeout_s=options.timeout_s,
     )
+    external_data_files(path)  # refused before anything connects
     info = probe(target)
     check_profile(info, profile)
     use = choose_remote(info, options.remote_backend, options.remote_python, options.host)
     clocks_locked = lock_clocks(target) if options.jetson_clocks else None
-    files = [path, *external_data_files(path)]
     workdir = target.ssh("mktemp -d -t compress-bench.XXXXXXXX", timeout=60).strip()
-    if not workdir.startswith("/"):
-        raise RemoteError(f"{options.host}: mktemp gave {workdir!r}")
+    if not _SAFE_PATH.fullmatch(workdir):  # it goes into remote commands and scp paths
+        raise RemoteError(
+            f"{options.host}: mktemp gave {workdir!r}, not an absolute path of letters, digits "
+            "and ._+-/ (check TMPDIR there)"
+        )
     try:
-        target.scp([str(f) for f in files], target.remote(workdir + "/"))
-        remote_model = f"{workdir}/{path.name}"
+        remote_model = upload(target, path, workdir)
         with tempfile.TemporaryDirectory(prefix="compress-ssh-") as local:
             remote = RemoteRun(target, info, workdir, Path(local))
             if use == "compress":
@@ -231,7 +264,7 @@ def _remote_compress(
             args += ["--threads", str(options.threads)]
         if backend == "tensorrt":
             args += ["--precision", options.precision or DEFAULT_PRECISION]
-        cmd = f"cd {shlex.quote(remote.workdir)} && {target.remote_python} " + " ".join(
+        cmd = f"cd {shlex.quote(remote.workdir)} && {target.python()} " + " ".join(
             map(shlex.quote, args)
         )
         out = remote.run(cmd)
@@ -266,7 +299,7 @@ def _remote_trtexec(
         shapes[min(batch_sizes)], shapes[min(batch_sizes)], shapes[max(batch_sizes)],
         timing_cache=f"{workdir}/timing.cache",
     )  # fmt: skip
-    log = f"{workdir}/build.log"
+    log = shlex.quote(f"{workdir}/build.log")
     target.ssh(
         f"{exe} {' '.join(map(shlex.quote, build))} > {log} 2>&1 || "
         f"{{ echo 'trtexec engine build failed:'; tail -n 20 {log}; exit 3; }}"

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
+from compress.deploy.external_data import external_data_files
 from compress.deploy.timing import (
     DEFAULT_PRECISION,
     Backend,
@@ -111,7 +112,7 @@ def fp16_onnx(onnx_path: Path, out_path: Path) -> Path:
 
 def _parse(trt, network, logger, onnx_path: Path) -> None:
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # finds external data beside the file
+    if not parser.parse_from_file(str(onnx_path)):  # external data: checked by build_engine
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise StageFailed(f"TensorRT cannot parse {onnx_path}: {errors}")
 
@@ -130,6 +131,7 @@ def build_engine(
     metadata (TensorRT version, GPU, precision, profile, flags) to `<engine>.json` and return it."""
     onnx_path, engine_path = check_model_file(onnx_path), Path(engine_path)
     precision = check_precision(precision)
+    external_data_files(onnx_path)  # the parser (and AutoCast) read it beside the file
     trt = import_tensorrt()
     import torch
 
@@ -245,6 +247,8 @@ def bench_tensorrt(
     options = options or TensorRTOptions()
     precision = options.precision or DEFAULT_PRECISION
     path = check_model_file(path)
+    if path.suffix == ".onnx":
+        external_data_files(path)  # refused before asking for TensorRT
     trt = import_tensorrt()
     import torch
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
+from compress.deploy.external_data import external_data_files
 from compress.deploy.timing import (
     DEFAULT_PRECISION,
     Backend,
@@ -225,6 +226,7 @@ def bench_trtexec(
     precision = check_precision(options.precision or DEFAULT_PRECISION)
     transfers, timeout_s = options.transfers, options.timeout_s
     path = check_model_file(path)
+    external_data_files(path)  # trtexec reads it beside the file
     exe = options.trtexec or find_trtexec()
     if exe is None:
         raise StageFailed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,9 +20,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from compress.deploy.backends import bench
+from compress.deploy.jetson import probe
+from compress.deploy.onnx_export import onnxruntime_session
+from compress.deploy.remote import SSHOptions, upload
+from compress.deploy.ssh import SSHTarget
+from compress.errors import InputError
 from tests.conftest import REPO, run_cli
+from tests.deploy.onnx_models import WEIGHTS, tiny_onnx
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -43,12 +52,11 @@ def _script(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """A running sshd on 127.0.0.1 and an ssh config whose alias `device` points at it."""
+def _start_sshd(d: Path, sftp: bool = True):
+    """sshd on a free 127.0.0.1 port, configured in `d`, and an ssh config whose alias `device`
+    points at it; `sftp: False` leaves out the SFTP subsystem (scp then needs `scp -O`)."""
     if not Path(SSHD).exists() or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
         pytest.skip("OpenSSH server/client not installed (Debian: apt-get install openssh-server)")
-    d = tmp_path_factory.mktemp("sshd")
     os.chmod(d, 0o700)
     _keygen(d / "host_key")
     _keygen(d / "id")
@@ -65,8 +73,9 @@ def sshd(tmp_path_factory):
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        "PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
-        f"SetEnv PATH={bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+        "PermitRootLogin prohibit-password\n"
+        + ("Subsystem sftp internal-sftp\n" if sftp else "")
+        + f"SetEnv PATH={bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
@@ -92,7 +101,23 @@ def sshd(tmp_path_factory):
         f"Host device\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
         f"  IdentityFile {d}/id\n  IdentitiesOnly yes\n  UserKnownHostsFile {d}/known_hosts\n"
     )
-    yield {"dir": d, "port": port, "config": str(d / "config")}
+    return proc, {"dir": d, "port": port, "config": str(d / "config")}
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A running sshd on 127.0.0.1 and an ssh config whose alias `device` points at it."""
+    proc, server = _start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sshd_without_sftp(tmp_path_factory):
+    """The same without the SFTP subsystem: OpenSSH 9's scp fails there unless it uses `-O`."""
+    proc, server = _start_sshd(tmp_path_factory.mktemp("sshd_no_sftp"), sftp=False)
+    yield server
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -204,3 +229,68 @@ def test_ssh_bench_locks_the_clocks_and_records_whether_it_could(sshd, onnx_with
     r = json.loads(result.stdout)
     assert r["clocks_locked"] is True and r["device_profile"] is None
     assert "clocks not locked" not in result.stderr
+
+
+def _target(server, **kwargs) -> SSHTarget:
+    return SSHTarget("device", ssh_config=server["config"], timeout_s=60, **kwargs)
+
+
+@pytest.mark.parametrize("outside", ["relative", "absolute"])
+def test_ssh_bench_copies_no_external_data_from_outside_the_model_folder(sshd, tmp_path, outside):
+    """A crafted model names a file outside its folder as external data: refused before anything
+    connects, and the copy itself refuses it too: nothing reaches the remote folder."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the device\n")
+    location = "../secret.txt" if outside == "relative" else str(secret)
+    model = tiny_onnx(tmp_path / "model" / "m.onnx", location, write_data=False)
+    before = _remote_temp_dirs()
+    options = SSHOptions(
+        host="device", ssh_config=sshd["config"], remote_python=REMOTE_PYTHON,
+        warmup=1, min_iters=2, min_duration_s=0, repeats=1,
+    )  # fmt: skip
+    refused = f"{model}: external data location {location!r} of tensor 'w' is outside"
+    with pytest.raises(InputError, match=re.escape(refused)):
+        bench(model, "ssh", options)
+    assert _remote_temp_dirs() == before
+    target = _target(sshd)
+    workdir = target.ssh("mktemp -d -t compress-test.XXXXXXXX").strip()
+    with pytest.raises(InputError, match=re.escape(refused)):
+        upload(target, model, workdir)
+    assert os.listdir(workdir) == []  # the device is this machine
+    os.rmdir(workdir)
+
+
+def test_remote_python_runs_as_words_not_as_shell(sshd, tmp_path, capsys):
+    from compress.cli import main
+
+    marker = tmp_path / "MARKER"
+    for prefix in (f"python3; touch {marker}", f"python3; touch {marker}; python3"):
+        info = probe(_target(sshd, remote_python=prefix))
+        assert "compress" not in info and not marker.exists()
+    model = tiny_onnx(tmp_path / "m.onnx")
+    argv = ["bench", str(model), "--backend", "ssh", "--host", "device",
+            "--ssh-config", sshd["config"], "--remote-python", f"python3; touch {marker}; python3"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "failed: " in err and "neither compress nor trtexec" in err and not marker.exists()
+    target = _target(sshd, remote_python=f'env FOO="a b" {sys.executable}')
+    out = target.ssh(f"{target.python()} -c 'import os; print(os.environ[\"FOO\"])'")
+    assert out == "a b\n"
+
+
+def test_copies_to_a_host_without_sftp_use_the_scp_protocol(sshd_without_sftp, tmp_path):
+    """OpenSSH 9's scp fails there with `scp: Connection closed`; the copy retries with `scp -O`
+    and keeps it. External data in a subfolder lands in the same subfolder on the device."""
+    model = tiny_onnx(tmp_path / "model" / "m.onnx", "weights/w.bin")
+    target = _target(sshd_without_sftp)
+    workdir = target.ssh("mktemp -d -t compress-test.XXXXXXXX").strip()
+    remote_model = upload(target, model, workdir)
+    assert target.legacy_scp and remote_model == f"{workdir}/m.onnx"
+    copied = sorted(str(p.relative_to(workdir)) for p in Path(workdir).rglob("*") if p.is_file())
+    assert copied == ["m.onnx", "weights/w.bin"]
+    target.scp([target.remote(f"{workdir}/weights/w.bin")], str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "model/weights/w.bin").read_bytes()
+    session = onnxruntime_session(remote_model, 1)  # the copy is a whole model
+    out = session.run(None, {"input": np.zeros((1, 4), np.float32)})[0]
+    np.testing.assert_array_equal(out[0], WEIGHTS)
+    shutil.rmtree(workdir)
