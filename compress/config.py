@@ -169,6 +169,20 @@ class ModelConfig(StrictModel):
         check_spec(v)
         return v
 
+    @field_validator("kwargs")
+    @classmethod
+    def _safe_kwargs(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """No argument that loads or fetches anything or is out of bounds; one the builder takes
+        (tried on the meta device, no memory; `num_classes`, when absent, comes from the data)."""
+        from compress.models.registry import check_model_kwargs
+        from compress.models.spec_schema import problems_error
+
+        model = info.data.get("model")
+        problems = check_model_kwargs(model, v) if model is not None else []
+        if problems:
+            raise problems_error(problems, v)
+        return v
+
 
 class TrackingConfig(StrictModel):
     """Experiment tracking: the training stages' loss, learning rate and epoch metrics also go to

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from compress.errors import InputError
 from compress.io import atomic_path
 from compress.models.cifar_resnet import DEPTHS, cifar_resnet
+from compress.models.offline import offline
+from compress.models.spec_schema import (
+    MAX_MODEL_ELEMENTS,
+    Problem,
+    SpecDocument,
+    architecture,
+    error_lines,
+    format_loc,
+    is_saved_model,
+    kwarg_problems,
+)
 
 CIFAR_NAMES = {f"cifar_resnet{d}": d for d in DEPTHS}
 SPEC_HELP = (
@@ -45,20 +57,27 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(name=d["name"], kwargs=dict(d.get("kwargs", {})), int8=d.get("int8"))
+    def from_dict(cls, d: Any, where: str = "model spec") -> ModelSpec:
+        """The spec of a `to_dict` mapping, checked against the schema of a saved model's spec
+        (compress.models.spec_schema): InputError naming `where` and the field otherwise."""
+        if not isinstance(d, dict):
+            raise InputError(
+                f'{where}: must be a JSON object {{"name": ..., "kwargs": {{...}}}} '
+                f"(got a {type(d).__name__})"
+            )
+        try:
+            SpecDocument.model_validate(d)
+        except ValidationError as e:
+            raise InputError(f"{where}: " + "; ".join(error_lines(e))) from None
+        except RecursionError:
+            raise InputError(f"{where}: nested too deeply") from None
+        kwargs = dict(d.get("kwargs") or {})
+        return cls(name=d["name"], kwargs=kwargs, int8=dict(d["int8"]) if d.get("int8") else None)
 
 
 def float_spec(spec: ModelSpec) -> ModelSpec:
     """The float architecture of a (possibly INT8) model."""
     return ModelSpec(spec.name, spec.kwargs)
-
-
-def is_saved_model(name: str) -> bool:
-    """True when `name` is the path of a model file rather than a zoo, timm or torchvision name."""
-    if ":" in name:
-        return False
-    return name.endswith(".safetensors") or "/" in name or os.sep in name or name.startswith(".")
 
 
 # ------------------------------------------------------------------ spec kinds, int8 routes, formats
@@ -147,12 +166,93 @@ def build_model(spec: ModelSpec) -> nn.Module:
         check_spec(spec.name)
     except ValueError as e:
         raise InputError(str(e)) from None
-    if spec.name in CIFAR_NAMES:
-        return cifar_resnet(CIFAR_NAMES[spec.name], **spec.kwargs)
+    problems = kwarg_problems(spec.name, spec.kwargs, saved=False)
+    if problems:
+        raise InputError(_problem_text(spec.name, problems))
     kind = _spec_kind(spec.name)
-    if kind is None:
+    if kind is None and spec.name not in CIFAR_NAMES:
         raise InputError(f"{spec.name}: a saved model file, not an architecture (use create_model)")
-    return kind.build(spec)
+    with offline():  # after check_spec imported timm/torchvision, so their downloaders are seen
+        if spec.name in CIFAR_NAMES:
+            return cifar_resnet(CIFAR_NAMES[spec.name], **spec.kwargs)
+        return kind.build(spec)
+
+
+def _problem_text(where: str, problems: list[Problem], prefix: tuple = ("kwargs",)) -> str:
+    return f"{where}: " + "; ".join(
+        f"{format_loc((*prefix, *loc))}: {msg}" for loc, msg in problems
+    )
+
+
+# In-place initialisers are skipped on the meta device: their values do not exist there, and
+# their reference implementations cost most of a meta build's time.
+_INIT_OPS = frozenset(
+    {"normal_", "uniform_", "fill_", "zero_", "random_", "bernoulli_", "exponential_"}
+    | {"erfinv_", "clamp_", "mul_", "add_", "sub_", "div_", "copy_"}
+)
+
+
+def _no_init_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoInit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in _INIT_OPS and args and args[0].is_meta:
+                return args[0]
+            return func(*args, **(kwargs or {}))
+
+    return NoInit()
+
+
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def probe_problems(name: str, kwargs: dict[str, Any]) -> list[Problem]:
+    """Build architecture `name` with `kwargs` on the meta device (no memory, no weights, a few
+    tens of ms): the builder's refusal of an argument, or a model over MAX_MODEL_ELEMENTS. Empty
+    also where the builder cannot build on the meta device (the real build then tells)."""
+    if name not in CIFAR_NAMES and not name.startswith(("timm:", "torchvision:")):
+        return []
+    kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}  # the architecture only
+    try:
+        with torch.device("meta"), _no_init_mode():
+            model = build_model(ModelSpec(name, kwargs))
+    except InputError as e:
+        return [((), str(e))]
+    except TypeError as e:
+        if "argument" not in str(e):
+            return []
+        unknown = _UNEXPECTED.search(str(e))
+        loc = (unknown.group(1),) if unknown and unknown.group(1) in kwargs else ()
+        return [(loc, f"{name} does not take this argument ({e})")]
+    except (ValueError, AssertionError) as e:
+        return [((), f"{name} cannot be built with these arguments ({e})")]
+    except Exception:  # noqa: BLE001 - a builder that needs real tensors: not the spec's fault
+        return []
+    elements = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    if elements > MAX_MODEL_ELEMENTS:
+        return [
+            (
+                (),
+                f"{name} with these arguments has {elements:,} parameter and buffer elements "
+                f"(at most {MAX_MODEL_ELEMENTS:,})",
+            )
+        ]
+    return []
+
+
+def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> list[Problem]:
+    """What is wrong with a recipe's (or an API caller's) `kwargs` for model `name`: arguments that
+    load or fetch anything or are out of bounds, then (for an architecture with arguments) what
+    its builder refuses on the meta device. Locations are relative to the kwargs."""
+    problems = kwarg_problems(name, kwargs, saved=False)
+    if problems or not kwargs or is_saved_model(name):
+        return problems
+    try:
+        check_spec(name)
+    except ValueError:
+        return []  # the name's own error is reported
+    return probe_problems(name, kwargs)
 
 
 def _check_timm(name: str) -> None:
@@ -167,9 +267,7 @@ def _build_timm(spec: ModelSpec) -> nn.Module:
 
     name, kwargs = spec.name.removeprefix("timm:"), dict(spec.kwargs)
     if kwargs.get("pretrained"):  # from timm's local cache only: never a download
-        overlay = {**kwargs.get("pretrained_cfg_overlay", {})}
-        overlay.setdefault("file", timm_cached_weights(name))
-        kwargs["pretrained_cfg_overlay"] = {**overlay, "source": "file"}
+        kwargs["pretrained_cfg_overlay"] = {"file": timm_cached_weights(name), "source": "file"}
     return timm.create_model(name, **kwargs)
 
 
@@ -259,7 +357,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load a checkpoint into `model`: a state dict, {'state_dict': ...}, or a safetensors file.
 
     A `module.` prefix (DataParallel) is stripped; buffers a checkpoint lacks that PyTorch can
-    regenerate (BatchNorm's `num_batches_tracked`) are tolerated, any other mismatch is an error.
+    regenerate (BatchNorm's `num_batches_tracked`) are tolerated, any other mismatch (a name or a
+    shape) is an InputError naming the file, as is a file that cannot be read.
     """
     path = Path(path)
     if not path.is_file():
@@ -267,14 +366,31 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a truncated or garbage file: say which one
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - report any unreadable checkpoint the same way
             raise InputError(f"{path}: cannot read weights ({e})") from None
         state = _clean_state_dict(obj, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # e.g. a head for another class count: name the shapes
+        own = model.state_dict()
+        mismatched = [
+            f"{k} is {list(v.shape)} in the file but {list(own[k].shape)} in the model"
+            for k, v in state.items()
+            if isinstance(own.get(k), torch.Tensor) and v.shape != own[k].shape
+        ]
+        if not mismatched:
+            raise InputError(f"{path}: weights do not match the model ({e})") from None
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise InputError(
+            f"{path}: weights do not match the model's shapes: {'; '.join(mismatched[:3])}{more}"
+        ) from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise InputError(
@@ -297,8 +413,31 @@ def save_model(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
     return path
 
 
+def read_spec(path: Path, text: str) -> ModelSpec:
+    """The spec in a saved model's metadata, checked against the schema before anything is built:
+    one InputError naming the file and the field otherwise."""
+    where = f"{path}: metadata {SPEC_METADATA_KEY}"
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        doc = json.loads(text, parse_constant=no_constant)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{where}: not valid JSON ({e})") from None
+    spec = ModelSpec.from_dict(doc, where)
+    loc, name, kwargs = architecture(doc)
+    problems = probe_problems(name, kwargs) if kwargs else []
+    if problems:  # before the real build: an absurd size fails here, with no memory taken
+        raise InputError(_problem_text(where, problems, loc))
+    return spec
+
+
 def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
-    """Reload a model written by `save_model`: build from its stored spec, then load its weights."""
+    """Reload a model written by `save_model`: check its stored spec, build it, load its weights.
+
+    Nothing in the file is trusted: a spec that does not pass the schema, asks a builder to load
+    anything, or does not build is an InputError naming the file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -311,11 +450,23 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
         raise InputError(f"{path}: not a safetensors model file ({e})") from None
     if SPEC_METADATA_KEY not in meta:
         raise InputError(f"{path}: no model spec in its metadata (was it saved by compress?)")
-    spec = ModelSpec.from_dict(json.loads(meta[SPEC_METADATA_KEY]))
-    model = build_model(spec)
+    spec = read_spec(path, meta[SPEC_METADATA_KEY])
+    try:
+        model = build_model(spec)
+    except InputError as e:
+        raise InputError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the file's spec is data; any failure is the file's
+        raise InputError(
+            f"{path}: the model spec in its metadata does not build ({type(e).__name__}: {e})"
+        ) from None
     coded = [key for key in meta if _owned("format", key, WEIGHT_FORMATS)]
     if coded:  # e.g. a quantized model in coded form
-        model.load_state_dict(WEIGHT_FORMATS[coded[0]](path))
+        try:
+            model.load_state_dict(WEIGHT_FORMATS[coded[0]](path))
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{path}: its coded weights do not load ({e})") from None
     else:
         load_weights(model, path)
     return model, spec
