@@ -135,6 +135,8 @@ def export(
     from compress.deploy.onnx_export import check_parity, export_onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; name the ONNX file to write, e.g. model.onnx")
     model = model.eval()
     export_onnx(model, path, tuple(input_size), dynamo=dynamo)
     parity = check_parity(model, path, torch.randn(8, *input_size))

@@ -1,17 +1,21 @@
 """Command line: thin commands that parse, call one function and print; exit codes live here.
 
-Exit codes: 0 success, 2 invalid input (recipe, path, model spec), 1 anything else.
+Exit codes: 0 success, 2 invalid input (recipe, path, model spec) or a folder that cannot be
+written, 1 a failed check or anything else, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from compress import __version__
-from compress.errors import InputError, StageFailed
+from compress.errors import InputError, StageFailed, Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +29,10 @@ def _input_size(text: str) -> tuple[int, int, int]:
         c, h, w = (int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    if not (0 < c <= 64 and 0 < h <= 4096 and 0 < w <= 4096):
+        raise argparse.ArgumentTypeError(
+            f"expected 1..64 channels and sides of 1..4096 pixels, got {text!r}"
+        )
     return c, h, w
 
 
@@ -204,10 +212,19 @@ COMMANDS = {
 }
 
 
+FILE_SYSTEM_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     from compress.log import setup_logging
 
     setup_logging()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -217,13 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:
         print(f"failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         print(
-            "interrupted: finished stages and the last epoch checkpoint are kept; "
-            "run the same command again to resume",
+            f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: finished stages "
+            "and the last epoch checkpoint are kept; run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

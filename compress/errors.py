@@ -7,3 +7,7 @@ class InputError(Exception):
 
 class StageFailed(Exception):
     """A stage ran but its result fails a check (e.g. ONNX parity): exit code 1, no traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send): handled as Ctrl-C is, with exit code 143."""

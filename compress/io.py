@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,29 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import InputError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -25,7 +49,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as any other new file, not mkstemp's 0600
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it the file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -36,12 +64,53 @@ def write_text(path: Path | str, text: str) -> None:
         tmp.write_text(text)
 
 
+def without_non_finite(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`obj` with every NaN or infinite float replaced by None, and where each one was."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [f"{where or '.'}: {obj}"]
+    found: list[str] = []
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k], bad = without_non_finite(v, f"{where}.{k}" if where else str(k))
+            found += bad
+        return out, found
+    if isinstance(obj, (list, tuple)):
+        items = []
+        for i, v in enumerate(obj):
+            item, bad = without_non_finite(v, f"{where}[{i}]")
+            items.append(item)
+            found += bad
+        return items, found
+    return obj, found
+
+
 def write_json(path: Path | str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Write strict JSON atomically: a NaN or infinity is written as null."""
+    clean, _ = without_non_finite(obj)
+    text = json.dumps(clean, indent=2, sort_keys=False, default=str, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; InputError naming the file when it is unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json_if_intact(path: Path | str) -> Any:
+    """A JSON file's content, or None when it is missing or damaged (e.g. by a disk that filled
+    up): for state that is rebuilt when it cannot be read."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return read_json(path)
+    except InputError:
+        return None
 
 
 def file_sha256(path: Path | str) -> str:

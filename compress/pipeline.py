@@ -6,6 +6,7 @@ the stage's config with the key of everything before it (data, models, seed, ear
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -23,7 +24,7 @@ from compress.config import ModelConfig
 from compress.data import ImageFolderData
 from compress.errors import InputError
 from compress.evaluation import count_flops, count_params, evaluate
-from compress.io import content_digest, read_json, write_json, write_text
+from compress.io import content_digest, read_json_if_intact, write_json, write_text
 from compress.log import logger, setup_logging
 from compress.models import (
     ModelSpec,
@@ -35,6 +36,7 @@ from compress.models import (
 )
 from compress.recipe import Recipe
 from compress.report import RunReport
+from compress.run_lock import LOCK_FILE, RunLock
 from compress.runs import (
     MODEL_FILE,
     RECIPE_FILE,
@@ -59,6 +61,17 @@ def resolve_device(preference: str) -> torch.device:
             )
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def _clear_folder(folder: Path, keep: tuple[str, ...]) -> None:
+    """Delete everything in `folder` but the names in `keep` (the folder may be a symlink)."""
+    for entry in folder.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def digest(*parts: Any) -> str:
@@ -107,29 +120,54 @@ class Pipeline:
         self.recipe, self.out_dir = recipe, Path(out_dir)
         self.device = resolve_device(recipe.device)
         self.dist: DistInfo = init_distributed(self.device)
+        self._lock: RunLock | None = None
         self._prepare_dir(fresh)
-        seed_everything(recipe.seed)
-        self.data = ImageFolderData(recipe.data, recipe.seed)
-        self._teacher: nn.Module | None = None
-        self._teacher_spec: ModelSpec | None = None
-        self._teacher_file: Path | None = None  # set once a stage has adapted the teacher
-        self.report = RunReport(self.out_dir, recipe.name, writer=self.dist.is_main)
+        try:
+            seed_everything(recipe.seed)
+            self.data = ImageFolderData(recipe.data, recipe.seed)
+            self._teacher: nn.Module | None = None
+            self._teacher_spec: ModelSpec | None = None
+            self._teacher_file: Path | None = None  # set once a stage has adapted the teacher
+            self.report = RunReport(self.out_dir, recipe.name, writer=self.dist.is_main)
+        except BaseException:
+            self.close()
+            raise
 
     def _prepare_dir(self, fresh: bool) -> None:
+        """Check and lock the run folder (rank 0), then clear it (`fresh`) or tidy it."""
         out = self.out_dir
         if self.dist.is_main:
-            if out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
+            if out.exists() and not out.is_dir():
+                raise InputError(f"--out {out}: is a file, not a folder; choose another --out")
+            if out.is_dir() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
                 raise InputError(
                     f"--out {out}: folder exists and is not a compress run; choose another folder"
                 )
-            if fresh and out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_MARKER).touch()
-            setup_logging(out / "run.log")
-            resolved = self.recipe.model_dump(mode="json", exclude_none=False)
-            write_text(out / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                self._lock = RunLock(out)
+                self._lock.acquire()
+            except OSError as e:
+                raise InputError(f"--out {out}: cannot write there ({e.strerror})") from None
+            try:
+                if fresh:
+                    _clear_folder(out, keep=(LOCK_FILE,))
+                for orphan in out.rglob(".*.tmp"):  # left by a write that was killed
+                    orphan.unlink(missing_ok=True)
+                (out / RUN_MARKER).touch()
+                setup_logging(out / "run.log")
+                resolved = self.recipe.model_dump(mode="json", exclude_none=False)
+                write_text(out / RECIPE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+            except BaseException:
+                self.close()
+                raise
         barrier(self.dist)
+
+    def close(self) -> None:
+        """Release the run folder's lock (done by `run`)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ models
 
@@ -168,8 +206,11 @@ class Pipeline:
             return self._run()
         except BaseException as e:
             self.report.fail(f"{type(e).__name__}: {e}")
-            self.report.write()
+            with contextlib.suppress(OSError):  # e.g. the disk is full: keep the first error
+                self.report.write()
             raise
+        finally:
+            self.close()
 
     def _run(self) -> dict[str, Any]:
         recipe, data = self.recipe, self.data
@@ -209,16 +250,16 @@ class Pipeline:
             self.report.record_stage(index, cfg, stage_dir, state, current)
             self.report.write()
         self.report.finish()
-        self.report.write()
         if self.dist.is_main:
             self.report.render()
+        self.report.write()  # last: a run that says `complete` has all its files
         barrier(self.dist)
         return self.report.data
 
     def _teacher_entry(self, key: str) -> None:
         path = self.out_dir / "teacher" / "metrics.json"
-        cached = read_json(path) if path.is_file() else None
-        if cached is None or cached.get("key") != key:
+        cached = read_json_if_intact(path)
+        if not isinstance(cached, dict) or cached.get("key") != key:
             logger.info("teacher: measuring on the test split")
             t0 = time.perf_counter()
             measured = self._measure(self.teacher(), "teacher")
@@ -230,21 +271,39 @@ class Pipeline:
             "teacher", role="teacher", spec=self.recipe.teacher.model, **cached["metrics"]
         )
 
+    def _in_run_folder(self, artifacts: dict[str, str]) -> dict[str, str]:
+        """Artifact paths as recorded: relative to the run folder, so that a run resumes from any
+        working directory and never picks up another run's files."""
+        root = self.out_dir.resolve()
+        recorded = {}
+        for name, path in artifacts.items():
+            resolved = Path(path).resolve()  # a file outside the run folder stays absolute
+            inside = resolved.is_relative_to(root)
+            recorded[name] = resolved.relative_to(root).as_posix() if inside else str(resolved)
+        return recorded
+
     def _finished_state(self, stage_dir: Path, key: str) -> dict[str, Any] | None:
+        """The stage's state if it finished with this key and its files are all there."""
         state = None
-        path = stage_dir / STAGE_STATE
-        if self.dist.is_main and path.is_file():
-            state = read_json(path)
-            if state.get("status") != "done" or state.get("key") != key:
+        if self.dist.is_main:
+            state = read_json_if_intact(stage_dir / STAGE_STATE)
+            if (
+                not isinstance(state, dict)
+                or state.get("status") != "done"
+                or state.get("key") != key
+            ):
+                state = None
+            elif not all((self.out_dir / p).exists() for p in state.get("artifacts", {}).values()):
+                logger.info(f"{stage_dir}: files it made are missing: running it again")
                 state = None
         return broadcast(self.dist, state)
 
     def _run_stage(self, index, cfg, stage_dir, key, model, spec, artifacts):
         stage_type = STAGES[cfg.type]
         if self.dist.is_main:
-            state_path = stage_dir / STAGE_STATE
-            previous_key = read_json(state_path).get("key") if state_path.is_file() else None
-            if previous_key not in (None, key):  # its config or input changed: start it over
+            previous = read_json_if_intact(stage_dir / STAGE_STATE)
+            previous_key = previous.get("key") if isinstance(previous, dict) else None
+            if previous_key != key and stage_dir.exists():  # changed or unreadable: start over
                 shutil.rmtree(stage_dir)
             stage_dir.mkdir(parents=True, exist_ok=True)
             write_json(stage_dir / STAGE_STATE, {"key": key, "status": "running", "type": cfg.type})
@@ -259,7 +318,7 @@ class Pipeline:
             model=model,
             spec=spec,
             dist=self.dist,
-            artifacts=dict(artifacts),
+            artifacts={k: str(self.out_dir / v) for k, v in artifacts.items()},
             teacher_loader=self._teacher_and_spec,
         )
         t0 = time.perf_counter()
@@ -279,7 +338,7 @@ class Pipeline:
                 model, spec = made, result.spec or spec
             state.update(
                 metrics=result.metrics,
-                artifacts=result.artifacts,
+                artifacts=self._in_run_folder(result.artifacts),
                 model_metrics=result.model_metrics,
                 teacher_metrics=result.teacher_metrics,
             )

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from compress.io import atomic_path, read_json, write_json, write_text
+from compress.io import atomic_path, read_json_if_intact, without_non_finite, write_json, write_text
 from compress.markdown import fmt, table
 from compress.runs import REPORT_JSON
 
@@ -62,9 +62,9 @@ class RunReport:
             "models": [],
             "stages": [],
         }
-        previous = self.run_dir / REPORT_JSON
-        if previous.is_file():  # a resumed run keeps its first start time
-            self.data["started"] = read_json(previous).get("started", self.data["started"])
+        previous = read_json_if_intact(self.run_dir / REPORT_JSON)
+        if isinstance(previous, dict):  # a resumed run keeps its first start time
+            self.data["started"] = previous.get("started", self.data["started"])
 
     def set_environment(self, device: torch.device) -> None:
         self.data["environment"] = environment(device)
@@ -130,10 +130,16 @@ class RunReport:
         if not self.writer:
             return
         self.data["updated"] = _now()
+        self.data.pop("non_finite", None)
+        _, found = without_non_finite(self.data)
+        if found:  # written as null; say which and why
+            self.data["non_finite"] = [f"{f} (written as null)" for f in found]
         write_json(self.run_dir / REPORT_JSON, self.data)
 
     def render(self) -> tuple[Path, Path]:
-        return render(self.run_dir)
+        """Write report.md and pareto.png from the report in memory (before report.json says
+        `complete`, so a complete run always has them)."""
+        return render(self.run_dir, without_non_finite(self.data)[0])
 
 
 # ---------------------------------------------------------------- rendering
@@ -268,12 +274,14 @@ def render_pareto(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def render(run_dir: Path | str) -> tuple[Path, Path]:
-    """Write report.md and pareto.png from `run_dir/report.json`."""
+def render(run_dir: Path | str, report: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write report.md and pareto.png from `report`, by default `run_dir/report.json`'s."""
     from compress.runs import RunFolder
 
-    run = RunFolder(run_dir)
-    md, png = run.path / "report.md", run.path / "pareto.png"
-    write_text(md, render_markdown(run.report, run.path))
-    render_pareto(run.report, png)
+    run_dir = Path(run_dir)
+    if report is None:
+        report = RunFolder(run_dir).report
+    md, png = run_dir / "report.md", run_dir / "pareto.png"
+    write_text(md, render_markdown(report, run_dir))
+    render_pareto(report, png)
     return md, png

@@ -117,8 +117,7 @@ def test_recipe_reference_documents_every_field():
 
 def _tiny_recipe_text(data_root: Path, stage: str = "{type: distill, epochs: 1}") -> str:
     return (
-        f"name: tiny\ndata: {{root: {data_root}}}\nteacher: cifar_resnet20\n"
-        f"stages:\n  - {stage}\n"
+        f"name: tiny\ndata: {{root: {data_root}}}\nteacher: cifar_resnet20\nstages:\n  - {stage}\n"
     )
 
 

@@ -8,6 +8,7 @@ model must score within `int8_accuracy_tolerance` points of the PyTorch quantize
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -139,8 +140,13 @@ def _export_float(ctx: StageContext, cfg: ExportStage, path) -> tuple[dict, dict
     export_onnx(ctx.model, path, ctx.data.input_size, opset=cfg.opset, dynamo=cfg.dynamo)
     parity = check_parity(ctx.model, path, _parity_images(ctx, cfg))
     scale = parity.pop("max_abs_logit")
+    if not math.isfinite(scale):
+        raise StageFailed(
+            f"ONNX parity failed: the PyTorch model's logits are not finite ({scale}); the model "
+            "is broken (did training diverge? see the training stage's metrics.jsonl)"
+        )
     allowed = cfg.atol + cfg.rtol * scale
-    if parity["max_abs_diff"] > allowed:
+    if not parity["max_abs_diff"] <= allowed:  # a NaN difference fails too
         raise StageFailed(
             f"ONNX parity failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} > "
             f"{allowed:.3g} (atol {cfg.atol} + rtol {cfg.rtol} * max|logit| {scale:.3g}); "
@@ -167,7 +173,7 @@ def _export_onnxruntime_int8(ctx: StageContext, cfg: ExportStage, path) -> tuple
     parity = check_parity(model.float_model, path, _parity_images(ctx, cfg))
     parity.pop("max_abs_logit")
     drop = float_top1 - onnx_top1
-    if drop > cfg.int8_max_drop:
+    if not drop <= cfg.int8_max_drop:  # a NaN fails too
         raise StageFailed(
             f"INT8 accuracy gate failed: onnxruntime test top-1 {onnx_top1:.2f}% is {drop:.2f} "
             f"points below the float model's {float_top1:.2f}% (int8_max_drop "
@@ -196,7 +202,7 @@ def _export_int8(ctx: StageContext, cfg: ExportStage, path) -> tuple[dict, dict]
     parity = check_parity(ctx.model, path, _parity_images(ctx, cfg))
     parity.pop("max_abs_logit")
     gap = abs(onnx_top1 - torch_top1)
-    if gap > cfg.int8_accuracy_tolerance:
+    if not gap <= cfg.int8_accuracy_tolerance:  # a NaN fails too
         raise StageFailed(
             f"INT8 ONNX parity failed: onnxruntime test top-1 {onnx_top1:.2f}% vs PyTorch "
             f"{torch_top1:.2f}% ({gap:.2f} points > {cfg.int8_accuracy_tolerance})"

@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from compress.config import StrictModel
+from compress.errors import StageFailed
 from compress.evaluation import evaluate
 from compress.io import atomic_path, write_text
 from compress.log import logger
@@ -192,6 +193,13 @@ def fit(
             hooks.before_forward(model)
             with _autocast(device, cfg.amp):
                 loss, logits = objective(net, images, labels, indices)
+            if not torch.isfinite(loss.detach()).item():
+                bar.close()
+                kept = f"; {ckpt_path} keeps epoch {history[-1]['epoch']}" if history else ""
+                raise StageFailed(
+                    f"{desc}: the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
+                    f"training diverged (lower lr, or add warmup_epochs or grad_clip){kept}"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if extra is not None and dist.enabled:
