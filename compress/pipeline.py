@@ -214,9 +214,14 @@ class Pipeline:
 
     def _run(self) -> dict[str, Any]:
         recipe, data = self.recipe, self.data
-        teacher_key = digest(recipe.data.model_dump(mode="json"), model_identity(recipe.teacher))
-        key = digest(teacher_key, recipe.seed, model_identity(recipe.student_config()))
+        # The images each split uses (names, sizes, mtimes): changed data re-runs what it feeds.
+        splits = data.split_fingerprints()
+        teacher_key = digest(
+            recipe.data.model_dump(mode="json"), model_identity(recipe.teacher), splits["test"]
+        )
+        key = digest(teacher_key, recipe.seed, model_identity(recipe.student_config()), splits)
         self.report.set_environment(self.device)
+        self.report.set_data(data.class_counts(), splits)
         if recipe.teacher is not None and self.dist.is_main:
             self._teacher_entry(teacher_key)
         seed_everything(recipe.seed)

@@ -69,6 +69,12 @@ class RunReport:
     def set_environment(self, device: torch.device) -> None:
         self.data["environment"] = environment(device)
 
+    def set_data(
+        self, class_counts: dict[str, dict[str, int]], fingerprints: dict[str, str]
+    ) -> None:
+        """The images each split used, per class, and the splits' fingerprints (run keys)."""
+        self.data["data"] = {"class_counts": class_counts, "fingerprints": fingerprints}
+
     def model(self, name: str) -> dict[str, Any] | None:
         return next((m for m in self.data["models"] if m["name"] == name), None)
 

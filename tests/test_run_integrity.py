@@ -302,3 +302,26 @@ def test_export_bench_and_report_inputs_that_cannot_work(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "report.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_changed_images_re_run_and_the_report_records_class_counts(
+    tmp_path, capsys, tiny_image_folder
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_image_folder, data)
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(data))
+    out = tmp_path / "out"
+    assert _run(capsys, recipe, out)[0] == 0
+    report = read_json(out / "report.json")
+    counts = report["data"]["class_counts"]
+    assert sum(counts["test"].values()) == len(list((data / "test").glob("*/*")))
+    (data / "train" / "notes.txt").write_text("not an image")  # ignored: nothing re-runs
+    assert "done earlier, skipped" in _run(capsys, recipe, out)[1]
+
+    cls = sorted(p for p in (data / "test").iterdir())[0]
+    shutil.copy(next(cls.iterdir()), cls / "added.png")
+    code, output = _run(capsys, recipe, out)
+    assert code == 0 and "skipped" not in output, output
+    assert read_json(out / "report.json")["data"]["class_counts"]["test"][cls.name] == (
+        counts["test"][cls.name] + 1
+    )
