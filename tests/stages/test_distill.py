@@ -1,8 +1,9 @@
 """Knowledge distillation on real data: the student improves, and the teacher helps.
 
-Budget: cifar_resnet20 from scratch, 200 train images per class (1,800 after the validation split),
+Budget: cifar_resnet20 from scratch, 120 train images per class (1,080 after the validation split),
 15 epochs without augmentation (so the teacher's logits are computed once and reused), evaluated on
-2,000 test images. Measured here: KD 51.6% against cross-entropy 45.2% with seed 0.
+1,000 test images. Measured here: KD 46.3% against cross-entropy 39.2% with seed 0 (2.8 minutes on
+2 cores for both runs).
 """
 
 import pytest
@@ -21,8 +22,8 @@ def _recipe(cifar_root, resnet56_weights, stage_type: str) -> dict:
         "seed": 0,
         "data": {
             "root": str(cifar_root),
-            "limit_per_class": 200,
-            "test_limit_per_class": 200,
+            "limit_per_class": 120,
+            "test_limit_per_class": 100,
             "augment": "none",
             "batch_size": 64,
         },
