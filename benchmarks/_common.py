@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 if typing.TYPE_CHECKING:
+    from compress.deploy.timing import PairedResult
     from compress.recipe import Recipe
     from compress.runs import RunFolder
 
@@ -36,6 +37,19 @@ def save(name: str, result: dict) -> None:
 
     write_json(RESULTS / f"{name}.json", result)
     print(json.dumps(result))
+
+
+def record_paired(result: dict, key: str, paired: PairedResult, what: str | None = None) -> float:
+    """Record a paired comparison (`compress.deploy.timing.paired_ratio`) in `result`: its median
+    ratio, spread, n_pairs, `reliable` and values under `result["paired"][key]`, and `key` in
+    `result["unreliable"]` when it is not reliable, with a warning line printed. Returns the
+    median ratio."""
+    result.setdefault("paired", {})[key] = paired.as_dict()
+    line = paired.warning(what or key)
+    if line is not None:
+        print(line, flush=True)
+        result.setdefault("unreliable", []).append(key)
+    return paired.median_ratio
 
 
 def add_search_mode(parser: argparse.ArgumentParser, help: str) -> None:

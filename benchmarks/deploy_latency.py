@@ -8,6 +8,11 @@ the pretrained ResNet-20 it starts from. Every other ONNX file comes from a smal
 export stage, and for TensorRT INT8 first the quantize stage's ptq_int8 for the tensorrt target
 (signed INT8 activations, calibrated on 256 training images); an INT8 student runs as its own Q/DQ
 model on every backend.
+Per batch size, every (model, backend, precision) is timed in rounds, one timed run of each per
+round in turn (`compress.deploy.timing.interleave`, the order reversed every other round); a row's
+statistics are the medians over its rounds, and each speed-up is the median of the per-round
+ratios, with its spread and `reliable` under `paired` (a warning line, and `unreliable`, where the
+spread is not smaller than the effect).
 Last stdout line: JSON with `rows` (model, backend, precision, batch_size, p50/p90/p99, throughput)
 and `device`.
 """
@@ -15,8 +20,10 @@ and `device`.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -26,12 +33,13 @@ from benchmarks._common import (
     SHARED,
     open_run,
     quickstart_models,
+    record_paired,
     require,
     run_recipe,
     save,
 )
 from compress.deploy.backends import bench
-from compress.deploy.timing import BenchSettings, cpu_name
+from compress.deploy.timing import BenchSettings, cpu_name, interleave, paired_result
 from compress.stages.quantize import INT8_METHODS
 
 # The accuracy gates are off: these runs only make the ONNX files timed here (100 test images).
@@ -72,6 +80,110 @@ def export_run(model: Model, out: Path, int8: bool = False) -> Path:
     recipe = {"name": "deploy-latency", "data": data, "student": model.student, "stages": stages}
     run, _ = run_recipe(recipe, out)
     return run.stage(type="export").file("model.onnx")
+
+
+@dataclass
+class Entry:
+    """One (model, backend, precision) timed, and its results by batch size, one per round."""
+
+    model: str
+    backend: str  # the registry's name
+    label: str  # backend, with the onnxruntime provider
+    precision: str
+    options: dict
+    path: Path
+    results: dict[int, list[dict]] = field(default_factory=dict)
+
+    def measure(self, batch_size: int) -> Callable[[], float]:
+        """One timed run (`repeats: 1`) at `batch_size`; returns its p50 ms. A TensorRT engine
+        built from ONNX in the first round is reused by the later ones."""
+        path = self.path
+
+        def run() -> float:
+            nonlocal path
+            options = {**self.options, "repeats": 1}
+            r = bench(path, self.backend, options, [batch_size])[0]
+            engine = r.get("flags", {}).get("engine")
+            if path.suffix == ".onnx" and engine:
+                path = Path(engine)
+            self.results.setdefault(batch_size, []).append(r)
+            return r["p50_ms"]
+
+        return run
+
+    def row(self, batch_size: int) -> dict:
+        runs = self.results[batch_size]
+        median = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("p50_ms", "p90_ms", "p99_ms", "throughput_ips", "cv")
+        }
+        return {
+            "model": self.model,
+            "backend": self.label,
+            "precision": self.precision,
+            "batch_size": batch_size,
+            **median,
+            "rounds": len(runs),
+            "run_p50_ms": [r["p50_ms"] for r in runs],
+            "timed": runs[0]["timed"],
+        }
+
+
+def timed_rows(entries: list[Entry], batch_sizes: list[int], rounds: int) -> list[dict]:
+    """Time every entry in alternation, `rounds` rounds per batch size; one row per entry and
+    batch size (statistics: medians over the rounds)."""
+    rows = []
+    for b in batch_sizes:
+        interleave({i: e.measure(b) for i, e in enumerate(entries)}, rounds)
+        for e in entries:
+            rows.append(e.row(b))
+            r = rows[-1]
+            print(
+                f"{r['model']:<26} {r['backend']:<18} {r['precision']} batch {b:>2}: "
+                f"p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f}  "
+                f"{r['throughput_ips']:.0f} img/s",
+                flush=True,
+            )
+    return rows
+
+
+def speedups(result: dict, rows: list[dict]) -> None:
+    """Each row's speed-up over the FP32 teacher on the same backend, and the GPU goal (an INT8
+    student on TensorRT against the FP32 teacher on onnxruntime CUDA), paired round by round."""
+    teacher = {
+        (r["backend"], r["batch_size"]): r
+        for r in rows
+        if r["model"] == "teacher" and r["precision"] == "fp32"
+    }
+
+    def paired(r: dict, base: dict, key: str, what: str) -> float:
+        return record_paired(result, key, paired_result(r["run_p50_ms"], base["run_p50_ms"]), what)
+
+    for r in rows:
+        name = f"{r['model']} {r['backend']} {r['precision']} b{r['batch_size']}"
+        base = teacher[(r["backend"], r["batch_size"])]
+        if r is not base:
+            what = f"{name}: speed-up over the FP32 teacher"
+            r["speedup_vs_teacher_fp32"] = paired(r, base, f"{name} vs teacher fp32", what)
+        else:
+            r["speedup_vs_teacher_fp32"] = 1.0
+    goal = [
+        r
+        for r in rows
+        if r["precision"] == "int8" and r["model"] != "teacher" and r["batch_size"] == 1
+    ]
+    if goal and ("onnxruntime-cuda", 1) in teacher:
+        base = teacher[("onnxruntime-cuda", 1)]
+        result["int8_student_vs_teacher_onnxruntime_cuda"] = {
+            r["model"]: paired(
+                r,
+                base,
+                f"{r['model']} {r['backend']} int8 b1 vs teacher onnxruntime-cuda fp32",
+                f"{r['model']} {r['backend']} INT8: speed-up over the FP32 teacher on "
+                "onnxruntime CUDA",
+            )
+            for r in goal
+        }
 
 
 def shipped_students(runs: Path) -> dict[str, Model]:
@@ -125,8 +237,15 @@ def main() -> None:
     models = {"teacher": teacher, **shipped_students(args.runs)}
     models.setdefault("quickstart student", student)
     available = backends()
-    rows, sources = [], {name: model.source for name, model in models.items()}
+    sources = {name: model.source for name, model in models.items()}
+    result = {
+        "benchmark": "deploy_latency",
+        "device": {"cpu": cpu_name()},
+        "settings": settings.__dict__,
+        "sources": sources,
+    }
     with tempfile.TemporaryDirectory() as tmp:
+        entries = []
         for i, (name, model) in enumerate(models.items()):
             onnx = model.onnx or export_run(model, Path(tmp) / f"m{i}")
             int8_onnx = onnx if model.int8 else None
@@ -137,47 +256,11 @@ def main() -> None:
                     path = int8_onnx
                 label = backend + (f"-{options['provider']}" if "provider" in options else "")
                 given = {**settings.model_dump(exclude_unset=True), **options}
-                for r in bench(path, backend, given, [1, 32]):
-                    rows.append(
-                        {
-                            "model": name,
-                            "backend": label,
-                            "precision": precision,
-                            "batch_size": r["batch_size"],
-                            **{k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "throughput_ips")},
-                            "cv": r["cv"],
-                            "timed": r["timed"],
-                        }
-                    )
-                    print(
-                        f"{name:<26} {label:<18} {precision} batch {r['batch_size']:>2}: "
-                        f"p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f}  "
-                        f"{r['throughput_ips']:.0f} img/s"
-                    )
-    teacher_rows = {
-        (r["backend"], r["batch_size"]): r
-        for r in rows
-        if r["model"] == "teacher" and r["precision"] == "fp32"
-    }
-    for r in rows:
-        base = teacher_rows[(r["backend"], r["batch_size"])]
-        r["speedup_vs_teacher_fp32"] = base["p50_ms"] / r["p50_ms"]
-    result = {
-        "benchmark": "deploy_latency",
-        "device": {"cpu": cpu_name(), "backends": sorted({r["backend"] for r in rows})},
-        "settings": settings.__dict__,
-        "sources": sources,
-        "rows": rows,
-    }
-    goal = [
-        r
-        for r in rows
-        if r["precision"] == "int8" and r["model"] != "teacher" and r["batch_size"] == 1
-    ]
-    if goal and ("onnxruntime-cuda", 1) in teacher_rows:
-        result["int8_student_vs_teacher_onnxruntime_cuda"] = {
-            r["model"]: teacher_rows[("onnxruntime-cuda", 1)]["p50_ms"] / r["p50_ms"] for r in goal
-        }
+                entries.append(Entry(name, backend, label, precision, given, path))
+        rows = timed_rows(entries, [1, 32], settings.repeats)
+    result["device"]["backends"] = sorted({r["backend"] for r in rows})
+    result["rows"] = rows
+    speedups(result, rows)
     save("deploy_latency", result)
 
 

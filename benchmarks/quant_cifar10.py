@@ -10,7 +10,9 @@ student with the same budget (`--epochs` over `--per-class` images per class, no
   `--epochs` of KD; for the onnxruntime target (uint8 activations) and, PTQ only, the TensorRT one
   (int8 activations). Each row gives PyTorch and onnxruntime test top-1; the ONNX files are then
   timed with the FP32 student's ONNX (the quantize stage's `float.onnx`) in alternation
-  (onnxruntime CPU, batch 1 and 32).
+  (onnxruntime CPU, batch 1 and 32): rounds of one timed run of each, each INT8 speed-up the
+  median of the per-round ratios, with its spread and `reliable` under `paired` (a warning line,
+  and `unreliable`, where the spread is not smaller than the effect).
 Every row is a recipe run (distill, quantize, export stages).
 Last stdout line: JSON with `rows`, `latency` and the INT8 speed-ups.
 """
@@ -18,12 +20,13 @@ Last stdout line: JSON with `rows`, `latency` and the INT8 speed-ups.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks._common import SHARED, require, run_recipe, save
-from compress.deploy.onnxruntime_backend import interleaved_p50
-from compress.deploy.timing import BenchSettings
+from benchmarks._common import SHARED, record_paired, require, run_recipe, save
+from compress.deploy.onnxruntime_backend import interleaved_latency
+from compress.deploy.timing import BenchSettings, paired_result
 
 
 def row(method: str, bits: int | None, model: dict) -> dict:
@@ -126,8 +129,10 @@ def main() -> None:
                 }
             )
         settings = BenchSettings(min_duration_s=2.0, threads=args.threads)
-        p50 = interleaved_p50(onnx, [1, 32], settings)  # models in alternation, same conditions
-        latency = {name: {f"b{b}": p50[str(b)][name] for b in (1, 32)} for name in onnx}
+        runs = interleaved_latency(onnx, [1, 32], settings)  # in alternation, paired by round
+        latency = {
+            name: {f"b{b}": statistics.median(runs[str(b)][name]) for b in (1, 32)} for name in onnx
+        }
     print(f"{'method':<28}{'bits':>5}{'top1':>8}{'onnx':>8}{'bits/w':>8}{'Huffman B':>11}")
     for r in rows:
         onnx_top1 = r.get("onnx_test_top1")
@@ -138,23 +143,26 @@ def main() -> None:
         )
     for name, ms in latency.items():
         print(f"{name:<28} p50 b1 {ms['b1']:.3f} ms  b32 {ms['b32']:.3f} ms")
-    qat = latency["qat_int8_onnxruntime"]
-    save(
-        "quant_cifar10",
-        {
-            "benchmark": "quant_cifar10",
-            "budget": {
-                "per_class": args.per_class,
-                "epochs": args.epochs,
-                "test_images": args.test_per_class * 10,
-            },
-            "rows": rows,
-            "latency_p50_ms": latency,
-            "latency_backend": f"onnxruntime CPU, {args.threads} threads",
-            "int8_vs_fp32_speedup_b1": latency["fp32"]["b1"] / qat["b1"],
-            "int8_vs_fp32_speedup_b32": latency["fp32"]["b32"] / qat["b32"],
+    result = {
+        "benchmark": "quant_cifar10",
+        "budget": {
+            "per_class": args.per_class,
+            "epochs": args.epochs,
+            "test_images": args.test_per_class * 10,
         },
-    )
+        "rows": rows,
+        "latency_p50_ms": latency,
+        "latency_backend": f"onnxruntime CPU, {args.threads} threads",
+    }
+    speedup = {}  # each INT8 model's speed-up over FP32, by batch size
+    for name in (n for n in onnx if n != "fp32"):
+        for b in ("1", "32"):
+            paired = paired_result(runs[b][name], runs[b]["fp32"])
+            what = f"{name} speed-up over FP32 at batch {b}"
+            speedup[name, b] = record_paired(result, f"{name}_vs_fp32_b{b}", paired, what)
+    for b in ("1", "32"):
+        result[f"int8_vs_fp32_speedup_b{b}"] = speedup["qat_int8_onnxruntime", b]
+    save("quant_cifar10", result)
 
 
 if __name__ == "__main__":

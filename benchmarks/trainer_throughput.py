@@ -1,14 +1,19 @@
 """Trainer throughput against a plain PyTorch loop, and the in-memory data path against JPEG decoding.
 
 Same model (cifar_resnet20), data (CIFAR-10 JPEG subset, crop+flip augmentation) and batch size for
-both loops; runs alternate (plain, compress, plain, ...) and the median of each is compared.
+both loops. Every comparison is made in matched pairs (`compress.deploy.timing.interleave`): per
+round one run of each side, in turn (the order reversed every other round), and the result is the
+median of the per-round ratios, with their spread and `reliable` (the spread smaller than the
+effect) under `paired`; a comparison that is not reliable prints a warning line and is listed in
+`unreliable`. The training rounds run the plain loop, the compress loop on the in-memory data and
+the compress loop decoding JPEGs; the data-path rounds one pass over the cached and the JPEG data.
 Last stdout line: JSON with `ratio_vs_plain_loop` and `memory_cache_speedup`.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -16,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import SHARED, require, save
+from benchmarks._common import SHARED, record_paired, require, save
 from compress.config import DataConfig
 from compress.data import ImageFolderData
+from compress.deploy.timing import interleave, paired_result
 from compress.models import ModelSpec, build_model
 from compress.train.distributed import DistInfo
 from compress.train.loop import TrainingConfig, fit
@@ -70,8 +76,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--per-class", type=int, default=1200, help="train images per class")
     p.add_argument("--steps", type=int, default=80, help="training steps per timed run")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="rounds (matched pairs), at least 3")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--name", default="trainer_throughput", help="results/NAME.json")
     args = p.parse_args()
     root = require(SHARED / "data" / "cifar10")
     base = {
@@ -84,46 +91,61 @@ def main() -> None:
     cached = ImageFolderData(DataConfig(**base))
     uncached = ImageFolderData(DataConfig(**base, cache_mb=0))
     cached.source("train")  # decode once, outside the timing
-    cache_ips = statistics.median(data_pass(cached) for _ in range(args.repeats))
-    jpeg_ips = statistics.median(data_pass(uncached) for _ in range(args.repeats))
+    passes = interleave(
+        {"jpeg": lambda: data_pass(uncached), "cached": lambda: data_pass(cached)}, args.repeats
+    )
 
     loader = cached.loader("train", train=True)
+    jpeg_loader = uncached.loader("train", train=True)
     if len(loader) < args.steps:
         raise SystemExit(f"--per-class {args.per_class} gives {len(loader)} batches < --steps")
     cfg = TrainingConfig(epochs=1, lr=0.05, max_steps_per_epoch=args.steps)
-    plain, ours = [], []
-    for r in range(args.repeats):
-        torch.manual_seed(r)
-        plain.append(plain_loop(build_model(ModelSpec("cifar_resnet20")), loader, args.steps))
-        torch.manual_seed(r)
-        ours.append(
-            compress_loop(build_model(ModelSpec("cifar_resnet20")), loader, args.steps, cfg)
-        )
-    jpeg_train = compress_loop(
-        build_model(ModelSpec("cifar_resnet20")),
-        uncached.loader("train", train=True),
-        args.steps,
-        cfg,
+
+    def seeded(run):
+        """`run` on a fresh cifar_resnet20 whose init is seeded by the round (alike each side)."""
+        seeds = itertools.count()
+
+        def measure() -> float:
+            torch.manual_seed(next(seeds))
+            return run(build_model(ModelSpec("cifar_resnet20")))
+
+        return measure
+
+    runs = interleave(
+        {
+            "plain": seeded(lambda m: plain_loop(m, loader, args.steps)),
+            "compress": seeded(lambda m: compress_loop(m, loader, args.steps, cfg)),
+            "compress_jpeg": seeded(lambda m: compress_loop(m, jpeg_loader, args.steps, cfg)),
+        },
+        args.repeats,
     )
+    vs_plain = paired_result(runs["plain"], runs["compress"])
+    from_cache = paired_result(runs["compress_jpeg"], runs["compress"])
+    cache_pass = paired_result(passes["jpeg"], passes["cached"])
     result = {
         "benchmark": "trainer_throughput",
         "model": "cifar_resnet20",
         "batch_size": args.batch_size,
         "steps": args.steps,
+        "rounds": args.repeats,
         "threads": torch.get_num_threads(),
-        "plain_loop_ips": statistics.median(plain),
-        "compress_loop_ips": statistics.median(ours),
-        "ratio_vs_plain_loop": statistics.median(ours) / statistics.median(plain),
-        "plain_runs_ips": plain,
-        "compress_runs_ips": ours,
-        "data_pass_cached_ips": cache_ips,
-        "data_pass_jpeg_ips": jpeg_ips,
-        "memory_cache_speedup": cache_ips / jpeg_ips,
-        "train_ips_jpeg_decoding": jpeg_train,
-        "train_speedup_from_cache": statistics.median(ours) / jpeg_train,
-        "note": "compress_loop_ips includes fit()'s epoch checkpoint write; "
-        "memory_cache_speedup is the data path alone (augment + collate, no model)",
+        "plain_loop_ips": vs_plain.a_median,
+        "compress_loop_ips": vs_plain.b_median,
+        "plain_runs_ips": runs["plain"],
+        "compress_runs_ips": runs["compress"],
+        "data_pass_cached_ips": cache_pass.b_median,
+        "data_pass_jpeg_ips": cache_pass.a_median,
+        "train_ips_jpeg_decoding": from_cache.a_median,
+        "note": "ratios are medians of per-round ratios (compress / plain, cached / JPEG); "
+        "compress_loop_ips includes fit()'s epoch checkpoint write; memory_cache_speedup is the "
+        "data path alone (augment + collate, no model)",
     }
+    for key, paired, what in (
+        ("ratio_vs_plain_loop", vs_plain, "compress loop / plain loop throughput"),
+        ("memory_cache_speedup", cache_pass, "cached / JPEG data-pass throughput"),
+        ("train_speedup_from_cache", from_cache, "cached / JPEG training throughput"),
+    ):
+        result[key] = record_paired(result, key, paired, what)
     for k in (
         "plain_loop_ips",
         "compress_loop_ips",
@@ -131,8 +153,9 @@ def main() -> None:
         "memory_cache_speedup",
         "train_speedup_from_cache",
     ):
-        print(f"{k:>28}: {result[k]:.3f}")
-    save("trainer_throughput", result)
+        spread = result["paired"][k]["spread"] if k in result["paired"] else None
+        print(f"{k:>28}: {result[k]:.3f}" + (f"  (IQR {spread:.3f})" if spread is not None else ""))
+    save(args.name, result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ recipe (train, quantize ptq_int8 with measured placement, export); the FP32 mode
 once. Then, from that FP32 ONNX model (the quantize stage's `float.onnx`): onnxruntime's
 `quantize_static` with its documented CPU settings (QDQ, per-channel int8 weights, uint8
 activations, after `quant_pre_process`, calibrated on the same images). All three are scored on
-the same test images and timed at batch 1 and 32 in one process, in alternation (onnxruntime CPU).
+the same test images and timed at batch 1 and 32 in one process, in alternation (onnxruntime CPU):
+`--rounds` rounds of one timed run of each model, and each speed-up the median of the per-round
+ratios, with its spread and `reliable` under the row's `paired` (a warning line, and the row's
+`unreliable`, where the spread is not smaller than the effect).
 Where INT8 is not faster, `why` gives the kernels' measured time by op type (onnxruntime's
 profiler) for the FP32 and the compress model at batch 32.
 
@@ -17,7 +20,9 @@ Last stdout line: JSON with one row per architecture; also results/zoo.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -26,12 +31,12 @@ from pathlib import Path
 import onnx
 import torch
 
-from benchmarks._common import SHARED, require, run_recipe, save
+from benchmarks._common import SHARED, record_paired, require, run_recipe, save
 from compress.api import as_recipe
 from compress.data import ImageFolderData
 from compress.deploy.onnx_export import OnnxRuntimeModel
-from compress.deploy.onnxruntime_backend import interleaved_p50
-from compress.deploy.timing import BenchSettings, cpu_name, default_threads
+from compress.deploy.onnxruntime_backend import interleaved_latency
+from compress.deploy.timing import BenchSettings, cpu_name, default_threads, paired_result
 from compress.evaluation import evaluate
 from compress.quant.ort_int8 import calibration_batches, onnx_int8_size, saturating_u8s8_cpu
 
@@ -169,20 +174,33 @@ def run_arch(arch: str, args: argparse.Namespace, work: Path, threads: int) -> d
     settings = BenchSettings(
         warmup=5, min_iters=20, min_duration_s=0.5, repeats=args.rounds, threads=threads
     )
-    p50 = interleaved_p50(paths, [1, 32], settings)
+    runs = interleaved_latency(paths, [1, 32], settings)
+    p50 = {b: {k: statistics.median(v) for k, v in by.items()} for b, by in runs.items()}
     fp32_graph = onnx.load(str(paths["fp32"]))
     layers = {}
     for k in ("compress", "onnxruntime"):
         size = onnx_int8_size(onnx.load(str(paths[k])), fp32_graph)
         layers[k] = f"{size['int8_layers']}/{size['weight_layers']}"
-    speedup = {k: {b: p50[b]["fp32"] / p50[b][k] for b in p50} for k in ("compress", "onnxruntime")}
-    row = {
-        "arch": arch,
-        "top1": top1,
-        "ptq_drop": top1["fp32"] - top1["compress"],
-        "p50_ms": p50,
+    row = {"arch": arch, "top1": top1, "ptq_drop": top1["fp32"] - top1["compress"], "p50_ms": p50}
+    speedup: dict[str, dict[str, float]] = {"compress": {}, "onnxruntime": {}}
+    versus: dict[str, float] = {}
+    for b, by in runs.items():  # a speed-up over X: X's time over this model's, per round
+        for k in speedup:
+            speedup[k][b] = record_paired(
+                row,
+                f"{k}_vs_fp32_b{b}",
+                paired_result(by[k], by["fp32"]),
+                f"{arch}: {k} INT8 speed-up over FP32 at batch {b}",
+            )
+        versus[b] = record_paired(
+            row,
+            f"compress_vs_onnxruntime_b{b}",
+            paired_result(by["compress"], by["onnxruntime"]),
+            f"{arch}: compress INT8 speed-up over onnxruntime's at batch {b}",
+        )
+    row |= {
         "speedup_vs_fp32": speedup,
-        "compress_vs_onnxruntime": {b: p50[b]["onnxruntime"] / p50[b]["compress"] for b in p50},
+        "compress_vs_onnxruntime": versus,
         "int8_layers": layers,
         "float_groups": quantize.metrics.get("float_groups"),
         "reduce_range": quantize.metrics.get("reduce_range"),
@@ -211,8 +229,14 @@ def why(row: dict) -> str:
     return f"INT8 {summary(int8)}; FP32 {summary(fp32)}"
 
 
+def speedup_cell(row: dict, k: str, b: str) -> str:
+    """`k`'s speed-up over FP32 at batch `b`, marked * when it is not reliable."""
+    mark = "*" if f"{k}_vs_fp32_b{b}" in row.get("unreliable", []) else ""
+    return f"{row['speedup_vs_fp32'][k][b]:.2f}x{mark}"
+
+
 def table(result: dict) -> str:
-    """The results as a markdown table."""
+    """The results as a markdown table; a speed-up marked * is not reliable (`paired`)."""
     lines = [
         "| model | top-1 FP32 | compress | ORT | INT8 layers compress / ORT | speed-up b1 "
         "compress / ORT | speed-up b32 compress / ORT | float groups | where INT8 time goes |",
@@ -222,12 +246,13 @@ def table(result: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['arch']} | failed: {row['error']} ||||||||")
             continue
-        t, s, layers = row["top1"], row["speedup_vs_fp32"], row.get("int8_layers", {})
+        t, layers = row["top1"], row.get("int8_layers", {})
+        x = functools.partial(speedup_cell, row)
         lines.append(
             f"| {row['arch']} | {t['fp32']:.1f} | {t['compress']:.1f} | {t['onnxruntime']:.1f} | "
             f"{layers.get('compress', '')} / {layers.get('onnxruntime', '')} | "
-            f"{s['compress']['1']:.2f}x / {s['onnxruntime']['1']:.2f}x | "
-            f"{s['compress']['32']:.2f}x / {s['onnxruntime']['32']:.2f}x | "
+            f"{x('compress', '1')} / {x('onnxruntime', '1')} | "
+            f"{x('compress', '32')} / {x('onnxruntime', '32')} | "
             f"{', '.join(row['float_groups'] or []) or '–'} | {why(row)} |"
         )
     return "\n".join(lines)

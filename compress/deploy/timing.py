@@ -5,6 +5,11 @@ fields (`COMMON_FIELDS`) plus its own, and records what was timed and with which
 Methodology: warm-up, then `repeats` timed runs of at least `min_iters` calls and at least
 `min_duration_s` seconds each; every statistic is the median over the runs.
 
+Two things compared (two models, two training loops) are measured in matched pairs
+(`paired_ratio`, `interleave`, `paired_result`): their runs alternate, and the comparison is the
+median of the per-pair ratios, with their spread and whether the spread is smaller than the effect
+(`PairedResult.reliable`). Load on a shared machine then slows both sides of a pair alike.
+
 This module imports no backend; each backend describes itself with a `Backend` that the registry
 (`compress.deploy.backends`) collects.
 """
@@ -15,8 +20,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -200,3 +205,140 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# ---- paired comparisons ----------------------------------------------------------------------
+
+Order = Literal["abab", "abba"]
+MIN_PAIRS = 3  # fewer pairs give no spread worth the name: never reliable
+RELIABLE_RULE = (
+    "reliable: at least 3 pairs, and the interquartile range of the paired ratios smaller than "
+    "the effect |median_ratio - 1|"
+)
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """Two measurements compared in matched pairs: `ratios[i] = b_values[i] / a_values[i]`.
+
+    For times, a ratio below 1 means b is faster; for throughputs, above 1 means b is faster.
+    `spread` is the interquartile range of the ratios (`ratio_q1`..`ratio_q3`, linear
+    interpolation), `effect` is |median_ratio - 1|, and `reliable` follows `RELIABLE_RULE`.
+    """
+
+    median_ratio: float
+    spread: float
+    effect: float
+    reliable: bool
+    n_pairs: int
+    ratio_q1: float
+    ratio_q3: float
+    ratio_min: float
+    ratio_max: float
+    a_median: float
+    b_median: float
+    ratios: tuple[float, ...]
+    a_values: tuple[float, ...]
+    b_values: tuple[float, ...]
+
+    def as_dict(self, values: bool = True) -> dict[str, Any]:
+        """The result for a JSON file, with the rule; `values=False` leaves out the per-pair
+        values."""
+        out = asdict(self)
+        if not values:
+            for k in ("ratios", "a_values", "b_values"):
+                out.pop(k)
+        else:
+            out.update({k: list(out[k]) for k in ("ratios", "a_values", "b_values")})
+        return {**out, "rule": RELIABLE_RULE}
+
+    def warning(self, what: str) -> str | None:
+        """One line saying why `what` (e.g. "INT8 speed-up at batch 1") is not reliable; None
+        when it is."""
+        if self.reliable:
+            return None
+        if self.n_pairs < MIN_PAIRS:
+            why = f"only {self.n_pairs} pair(s), at least {MIN_PAIRS} needed"
+        else:
+            why = (
+                f"the paired ratios' spread (IQR {self.spread:.3f}, range {self.ratio_min:.3f}.."
+                f"{self.ratio_max:.3f}) is not smaller than the effect {self.effect:.3f}"
+            )
+        return (
+            f"WARNING: {what} {self.median_ratio:.3f} over {self.n_pairs} pairs is not reliable: "
+            f"{why}; load on the machine may decide it"
+        )
+
+
+def paired_result(a_values: Sequence[float], b_values: Sequence[float]) -> PairedResult:
+    """Compare matched measurements (`a_values[i]` and `b_values[i]` from the same pair)."""
+    if len(a_values) != len(b_values) or not a_values:
+        raise ValueError(
+            f"paired values: {len(a_values)} and {len(b_values)}; expected one each per pair"
+        )
+    a = np.asarray(a_values, dtype=float)
+    b = np.asarray(b_values, dtype=float)
+    if (a <= 0).any() or not np.isfinite(a).all() or not np.isfinite(b).all():
+        raise ValueError("paired values must be finite, and a's positive")
+    ratios = b / a
+    q1, median, q3 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
+    spread, effect = q3 - q1, abs(median - 1.0)
+    return PairedResult(
+        median_ratio=median,
+        spread=spread,
+        effect=effect,
+        reliable=bool(len(ratios) >= MIN_PAIRS and spread < effect),
+        n_pairs=len(ratios),
+        ratio_q1=q1,
+        ratio_q3=q3,
+        ratio_min=float(ratios.min()),
+        ratio_max=float(ratios.max()),
+        a_median=float(np.median(a)),
+        b_median=float(np.median(b)),
+        ratios=tuple(float(r) for r in ratios),
+        a_values=tuple(float(v) for v in a),
+        b_values=tuple(float(v) for v in b),
+    )
+
+
+def interleave(
+    measures: Mapping[str, Callable[[], float]],
+    rounds: int,
+    order: Order = "abba",
+    warmup_rounds: int = 0,
+) -> dict[str, list[float]]:
+    """Call every measure once per round, in turn, and return each one's values by round.
+
+    `order="abab"` keeps the same order every round (A B, A B, ...); `"abba"` reverses it every
+    other round (A B, B A, ...), so a steady drift in load favours neither side. The first
+    `warmup_rounds` rounds run the same way and are dropped.
+    """
+    if rounds <= 0:
+        raise ValueError(f"rounds must be > 0 (got {rounds})")
+    if order not in ("abab", "abba"):
+        raise ValueError(f"order {order!r}: expected abab or abba")
+    names = list(measures)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup_rounds + rounds):
+        turn = names[::-1] if order == "abba" and r % 2 else names
+        for name in turn:
+            value = float(measures[name]())
+            if r >= warmup_rounds:
+                values[name].append(value)
+    return values
+
+
+def paired_ratio(
+    a: Callable[[], float],
+    b: Callable[[], float],
+    pairs: int,
+    order: Order = "abba",
+    warmup_rounds: int = 0,
+) -> PairedResult:
+    """Measure `a` and `b` alternately, `pairs` times each, and compare them pair by pair.
+
+    Each callable runs one measurement and returns it (seconds of one timed run, images per
+    second, ...); the ratios are b's value over a's, pair by pair (see `PairedResult`).
+    """
+    values = interleave({"a": a, "b": b}, pairs, order, warmup_rounds)
+    return paired_result(values["a"], values["b"])

@@ -248,30 +248,22 @@ def _quantize(
 def paired_latency_ratio(
     base: Path, other: Path, batch_sizes: list[int], threads: int | None, rounds: int = 5
 ) -> float:
-    """p50 latency of `other` over `base` on onnxruntime CPU, the mean over `batch_sizes`; the
-    two are timed in alternation, so load on the machine affects both alike, with worker threads
-    that do not spin between runs (else the idle session's threads slow the timed one)."""
-    from compress.deploy.onnx_export import onnxruntime_session
-    from compress.deploy.timing import default_threads, time_calls
+    """p50 latency of `other` over `base` on onnxruntime CPU, the mean over `batch_sizes` of the
+    median paired ratio: the two are timed in alternation (`interleaved_latency`, kept sessions
+    whose worker threads do not spin, else the idle session's threads slow the timed one), so
+    load on the machine affects both sides of a pair alike."""
+    from compress.deploy.onnxruntime_backend import interleaved_latency
+    from compress.deploy.timing import BenchSettings, paired_result
 
-    threads = threads or default_threads()
-    sessions = [onnxruntime_session(p, threads, spinning=False) for p in (base, other)]
-    name = sessions[0].get_inputs()[0].name
-    ratios = []
-    for b in batch_sizes:
-        x = {name: np.random.default_rng(0).standard_normal((b, *_input_shape(base)), np.float32)}
-        times: list[list[float]] = [[], []]
-        for r in range(rounds):
-            for i, session in enumerate(sessions):
-                run = time_calls(lambda s=session, x=x: s.run(None, x), 3 if r == 0 else 0, 10, 0.1)
-                times[i].append(float(np.median(run)))
-        ratios.append(float(np.median(times[1]) / np.median(times[0])))
-    return float(np.mean(ratios))
-
-
-def _input_shape(path: Path) -> list[int]:
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value or 1 for d in dims[1:]]
+    settings = BenchSettings(
+        warmup=3, min_iters=10, min_duration_s=0.1, repeats=rounds, threads=threads
+    )
+    runs = interleaved_latency(
+        {"base": base, "other": other}, batch_sizes, settings, sessions="kept"
+    )
+    return float(
+        np.mean([paired_result(t["base"], t["other"]).median_ratio for t in runs.values()])
+    )
 
 
 def quantize_onnx_int8(
