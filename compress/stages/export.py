@@ -122,11 +122,18 @@ def _int8_speedup(ctx: StageContext, cfg: ExportStage, path: Path) -> dict | Non
         return None
     settings = BenchSettings(warmup=5, min_iters=20, min_duration_s=0.5, repeats=3)
     result = int8_speedup(path, float_onnx, cfg.speedup_batch_sizes, settings)
-    slower = {b: round(s, 2) for b, s in result["speedup"].items() if s < 1}
+    reliable = result.get("reliable", {})
+    slower = {b: round(s, 2) for b, s in result["speedup"].items() if s < 1 and reliable.get(b)}
     if slower:
         logger.warning(
             f"stages[{ctx.index}]: the INT8 model is slower than FP32 on onnxruntime CPU "
             f"(speed-up by batch size: {slower}); see the quantize stage's placement trials"
+        )
+    noisy = sorted(b for b, ok in reliable.items() if not ok)
+    if noisy:
+        logger.warning(
+            f"stages[{ctx.index}]: INT8 speed-up at batch sizes {noisy} is within the timing "
+            "noise of this machine (its spread exceeds the effect); see int8_speedup.paired"
         )
     return result
 
