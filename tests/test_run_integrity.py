@@ -325,3 +325,17 @@ def test_changed_images_re_run_and_the_report_records_class_counts(
     assert read_json(out / "report.json")["data"]["class_counts"]["test"][cls.name] == (
         counts["test"][cls.name] + 1
     )
+
+
+def test_bench_times_student_and_teacher_in_alternating_rounds(tmp_path, capsys, tiny_image_folder):
+    bench = {**BENCH, "repeats": 3, "min_iters": 5}
+    raw = _recipe(tiny_image_folder, {"type": "export"}, bench)
+    raw["teacher"] = "cifar_resnet56"
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    code, output = _run(capsys, recipe, tmp_path / "out")
+    assert code == 0, output
+    metrics = read_json(tmp_path / "out" / "01-bench" / "stage.json")["metrics"]
+    assert metrics["results"][0]["rounds"] == metrics["teacher_results"][0]["rounds"] == 3
+    paired = metrics["speedup_vs_teacher"]["1"]
+    assert paired["n_pairs"] == 3 and paired["ratio_q1"] <= paired["median_ratio"]
+    assert paired["median_ratio"] > 1.2, paired  # ResNet-20 against ResNet-56: ~3x less compute

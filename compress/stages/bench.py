@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from compress.deploy.backends import bench, get_backend
 from compress.deploy.onnx_export import export_onnx
 from compress.deploy.onnxruntime_backend import Provider
 from compress.deploy.remote import SSHDevice
-from compress.deploy.timing import BenchSettings, Precision, describe_errors
+from compress.deploy.timing import BenchSettings, Precision, describe_errors, paired_result
 from compress.errors import InputError
 from compress.markdown import table
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
@@ -67,6 +68,42 @@ def _bench_all(path: str | Path, cfg: BenchStage) -> list[dict]:
     return bench(path, cfg.backend, cfg.options(), cfg.batch_sizes, cfg.single_stream)
 
 
+def _median_over_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One result per batch size: each timing statistic is its median over the rounds."""
+    merged = []
+    for results in zip(*rounds, strict=True):
+        entry = dict(results[0])
+        for key in results[0]:
+            timed = key.endswith("_ms") or key in ("throughput_ips", "cv")
+            if timed and all(isinstance(r.get(key), (int, float)) for r in results):
+                entry[key] = float(np.median([r[key] for r in results]))
+        merged.append({**entry, "rounds": len(results)})
+    return merged
+
+
+def _bench_with_teacher(
+    student: str | Path, teacher: str | Path, cfg: BenchStage
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Time the student and the teacher in alternating rounds (S T, T S, ...; one timed run each
+    per round, `repeats` rounds), so that load on the machine hits both alike. Returns each
+    model's results (medians over rounds) and the teacher-over-student p50 ratio per batch size,
+    compared round by round."""
+    one_run = cfg.options().model_copy(update={"repeats": 1})
+    paths = {"student": student, "teacher": teacher}
+    runs: dict[str, list[list[dict]]] = {"student": [], "teacher": []}
+    for r in range(cfg.repeats):
+        for name in ("teacher", "student") if r % 2 else ("student", "teacher"):
+            runs[name].append(
+                bench(paths[name], cfg.backend, one_run, cfg.batch_sizes, cfg.single_stream)
+            )
+    speedup = {}
+    for i, batch_size in enumerate(cfg.batch_sizes):
+        student_p50 = [rounds[i]["p50_ms"] for rounds in runs["student"]]
+        teacher_p50 = [rounds[i]["p50_ms"] for rounds in runs["teacher"]]
+        speedup[str(batch_size)] = paired_result(student_p50, teacher_p50).as_dict(values=False)
+    return _median_over_rounds(runs["student"]), _median_over_rounds(runs["teacher"]), speedup
+
+
 def report_section(
     report: dict[str, Any], entries: list[dict[str, Any]], run_dir: Path
 ) -> list[str]:
@@ -97,12 +134,16 @@ def run(ctx: StageContext, cfg: BenchStage) -> StageResult:
     engine = ctx.artifacts.get("engine")
     result = StageResult()
     model_path = engine if cfg.backend == "tensorrt" and engine else onnx_path
-    result.metrics["results"] = _bench_all(model_path, cfg)
-    result.model_metrics = latency_fields(result.metrics["results"])
     if cfg.teacher and ctx.recipe.teacher is not None:
         teacher_path = export_onnx(ctx.teacher, ctx.stage_dir / "teacher.onnx", ctx.data.input_size)
-        result.metrics["teacher_results"] = _bench_all(teacher_path, cfg)
-        result.teacher_metrics = latency_fields(result.metrics["teacher_results"])
+        results, teacher_results, speedup = _bench_with_teacher(model_path, teacher_path, cfg)
+        result.metrics.update(
+            results=results, teacher_results=teacher_results, speedup_vs_teacher=speedup
+        )
+        result.teacher_metrics = latency_fields(teacher_results)
+    else:
+        result.metrics["results"] = _bench_all(model_path, cfg)
+    result.model_metrics = latency_fields(result.metrics["results"])
     return result
 
 
