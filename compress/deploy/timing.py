@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -301,13 +301,17 @@ def paired_result(a_values: Sequence[float], b_values: Sequence[float]) -> Paire
     )
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
 def interleave(
-    measures: Mapping[str, Callable[[], float]],
+    measures: Mapping[K, Callable[[], V]],
     rounds: int,
     order: Order = "abba",
     warmup_rounds: int = 0,
-) -> dict[str, list[float]]:
-    """Call every measure once per round, in turn, and return each one's values by round.
+) -> dict[K, list[V]]:
+    """Call every measure once per round, in turn, and return what each returned, by round.
 
     `order="abab"` keeps the same order every round (A B, A B, ...); `"abba"` reverses it every
     other round (A B, B A, ...), so a steady drift in load favours neither side. The first
@@ -318,11 +322,11 @@ def interleave(
     if order not in ("abab", "abba"):
         raise ValueError(f"order {order!r}: expected abab or abba")
     names = list(measures)
-    values: dict[str, list[float]] = {name: [] for name in names}
+    values: dict[K, list[V]] = {name: [] for name in names}
     for r in range(warmup_rounds + rounds):
         turn = names[::-1] if order == "abba" and r % 2 else names
         for name in turn:
-            value = float(measures[name]())
+            value = measures[name]()
             if r >= warmup_rounds:
                 values[name].append(value)
     return values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -12,7 +13,13 @@ from compress.deploy.backends import bench, get_backend
 from compress.deploy.onnx_export import export_onnx
 from compress.deploy.onnxruntime_backend import Provider
 from compress.deploy.remote import SSHDevice
-from compress.deploy.timing import BenchSettings, Precision, describe_errors, paired_result
+from compress.deploy.timing import (
+    BenchSettings,
+    Precision,
+    describe_errors,
+    interleave,
+    paired_result,
+)
 from compress.errors import InputError
 from compress.markdown import table
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
@@ -89,13 +96,11 @@ def _bench_with_teacher(
     model's results (medians over rounds) and the teacher-over-student p50 ratio per batch size,
     compared round by round."""
     one_run = cfg.options().model_copy(update={"repeats": 1})
-    paths = {"student": student, "teacher": teacher}
-    runs: dict[str, list[list[dict]]] = {"student": [], "teacher": []}
-    for r in range(cfg.repeats):
-        for name in ("teacher", "student") if r % 2 else ("student", "teacher"):
-            runs[name].append(
-                bench(paths[name], cfg.backend, one_run, cfg.batch_sizes, cfg.single_stream)
-            )
+
+    def timed(path: str | Path) -> Callable[[], list[dict]]:
+        return lambda: bench(path, cfg.backend, one_run, cfg.batch_sizes, cfg.single_stream)
+
+    runs = interleave({"student": timed(student), "teacher": timed(teacher)}, cfg.repeats)
     speedup = {}
     for i, batch_size in enumerate(cfg.batch_sizes):
         student_p50 = [rounds[i]["p50_ms"] for rounds in runs["student"]]
