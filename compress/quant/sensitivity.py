@@ -74,6 +74,18 @@ class ValidationSet:
         return Scores(top1_percent(logits, self.labels), mean_kl(self.reference, logits))
 
 
+def validation_arrays(data: Any, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `images` of the data's val split (never test), spread evenly over it so every class
+    is represented, as float32 arrays (the eval transform and normalisation applied)."""
+    n = len(data.samples("val"))
+    indices = np.unique(np.linspace(0, n - 1, min(images, n)).round().astype(int)).tolist()
+    xs, ys = [], []
+    for x, y, *_ in data.loader("val", train=False, indices=indices):
+        xs.append(x.numpy().astype(np.float32))
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 def onnx_logits(
     model: onnx.ModelProto | bytes | Path,
     images: np.ndarray,
@@ -129,9 +141,9 @@ def kernel_times(
         for _ in range(warmup + runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    windows = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"
-    )[warmup:]
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[
+        warmup:
+    ]
     per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(windows))
     calls: dict[str, int] = defaultdict(int)
     for e in events:

@@ -29,7 +29,7 @@ import onnx
 from pydantic import Field, model_validator
 
 from compress.deploy.onnx_export import export_onnx
-from compress.errors import InputError
+from compress.errors import InputError, StageFailed
 from compress.log import logger
 from compress.markdown import fmt, table
 from compress.models import ModelSpec
@@ -47,9 +47,23 @@ from compress.quant.ort_int8 import (
     Placement,
     calibration_batches,
     onnx_int8_size,
+    paired_latency_ratio,
     quantize_onnx_int8,
 )
 from compress.quant.points import PointQuantizer, assign_points, gradient_norms
+from compress.quant.qdq_layers import float_initializers
+from compress.quant.sensitivity import (
+    SENSITIVITY_JSON,
+    BudgetUnreachable,
+    Ranking,
+    ValidationSet,
+    analyse,
+    fit_budget,
+    onnx_logits,
+    top1_percent,
+    validation_arrays,
+    write_sensitivity,
+)
 from compress.quant.size import size_report
 from compress.quant.weights import WeightQuantizer, select_layers
 from compress.stages.base import StageConfig, StageContext, StageResult, register_stage
@@ -120,6 +134,26 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
         "on the FP32 ONNX model), or auto: onnxruntime for the onnxruntime target; brevitas for "
         "tensorrt, else onnxruntime where Brevitas cannot handle an op. qat_int8: brevitas.",
     )
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="*_int8: the most the Q/DQ model's validation top-1 may fall below the float "
+        "model's, in points; the layers that cost the most accuracy per unit of speed return to "
+        "float (FP16 on TensorRT) until it holds (sensitivity.json). null: every layer INT8.",
+    )
+    sensitivity_images: int = Field(
+        1000,
+        gt=0,
+        le=100_000,
+        description="max_accuracy_drop: validation images it is measured on.",
+    )
+    sensitivity_ranking: Ranking | None = Field(
+        None,
+        description="max_accuracy_drop: order layers by accuracy recovered per unit of speed "
+        "lost on onnxruntime CPU (speed) or by accuracy alone (accuracy). null: speed for the "
+        "onnxruntime target, accuracy for tensorrt (whose per-layer speed is not measured).",
+    )
     int8_placement: Placement = Field(
         "measured",
         description="ptq_int8 through onnxruntime: all (every op its quantizer supports) or "
@@ -133,6 +167,16 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
         if not isinstance(data, dict):
             return data
         method = data.get("method")
+        if data.get("max_accuracy_drop") is not None and method not in INT8_METHODS:
+            raise ValueError(
+                "max_accuracy_drop: returns INT8 layers to float, so it needs method ptq_int8 or "
+                f"qat_int8 (got {method or 'quantized_distillation'})"
+            )
+        if data.get("sensitivity_ranking") == "speed" and data.get("int8_target") == "tensorrt":
+            raise ValueError(
+                "sensitivity_ranking: speed measures onnxruntime CPU kernels; use accuracy for "
+                "the tensorrt target"
+            )
         if method == "differentiable_quantization":
             data = {"lr": 1e-4, **data}
         elif method in INT8_METHODS:
@@ -168,6 +212,7 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
     float_onnx = ctx.stage_dir / "float.onnx"  # the FP32 reference the INT8 speed-up is timed on
     if ctx.dist.is_main:
         _export_float(ctx, float_onnx)
+    float_model = ctx.model  # the QAT route replaces ctx.model with the quantized one
     route = cfg.int8_route
     if route == "auto":
         route = "onnxruntime" if cfg.int8_target == "onnxruntime" else "brevitas"
@@ -182,6 +227,8 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
         route, result = "onnxruntime", None
     if result is None:
         result = _run_onnxruntime(ctx, cfg, float_onnx)
+    if cfg.max_accuracy_drop is not None and ctx.dist.is_main:
+        _fit_accuracy_budget(ctx, cfg, result, float_model, float_onnx)
     result.metrics.update(method=cfg.method, bits=8, int8_target=cfg.int8_target, int8_route=route)
     result.model_metrics = {
         "quantization": cfg.method,
@@ -196,6 +243,8 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
                 "compression_ratio",
                 "int8_layers",
                 "weight_layers",
+                "float_layers",
+                "val_top1_drop",
             )
             if k in result.metrics
         },
@@ -203,6 +252,69 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
     if ctx.dist.is_main:
         result.artifacts["float_onnx"] = str(float_onnx)
     return result
+
+
+def _fit_accuracy_budget(
+    ctx: StageContext, cfg: QuantizeStage, result: StageResult, float_model, float_onnx: Path
+) -> None:
+    """Return the layers that cost the most validation accuracy per unit of speed to float until
+    the Q/DQ model is within `max_accuracy_drop`; the result becomes that Q/DQ model (run by
+    onnxruntime), with sensitivity.json and sensitivity.png in the stage folder."""
+    model = result.model
+    if isinstance(model, OnnxInt8Model):
+        qdq = onnx.load_from_string(model.onnx_bytes())
+    else:  # Brevitas: its Q/DQ export is what deploys
+        with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
+            path = export_int8_onnx(model, Path(tmp) / "int8.onnx", ctx.data.input_size)
+            qdq = onnx.load(str(path))
+    reference = onnx.load(str(float_onnx))
+    # onnxruntime's quantizer keeps the FP32 weights' names, so a float layer gets them back;
+    # Brevitas' (QAT-trained) weights are the dequantized integers.
+    weights = float_initializers(reference) if isinstance(model, OnnxInt8Model) else None
+    images, labels = validation_arrays(ctx.data, cfg.sensitivity_images)
+    val = ValidationSet(images, labels, onnx_logits(reference, images))
+    ranking = cfg.sensitivity_ranking or (
+        "speed" if cfg.int8_target == "onnxruntime" else "accuracy"
+    )
+    analysis = analyse(
+        qdq, val, top1_percent(val.reference, labels), ranking, float_weights=weights
+    )
+    if cfg.int8_target == "tensorrt":
+        analysis.note = "tensorrt target: float layers build in FP16 or FP32; ranked by accuracy"
+    try:
+        chosen = fit_budget(qdq, analysis, val, cfg.max_accuracy_drop, weights)
+    except BudgetUnreachable as e:
+        write_sensitivity(analysis, ctx.stage_dir)
+        raise StageFailed(
+            f"stages[{ctx.index}].{e} (each layer's sensitivity: "
+            f"{ctx.stage_dir / SENSITIVITY_JSON})"
+        ) from None
+    if analysis.chosen and ranking == "speed":
+        with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
+            base, mixed = Path(tmp) / "int8.onnx", Path(tmp) / "mixed.onnx"
+            onnx.save(qdq, str(base))
+            onnx.save(chosen, str(mixed))
+            analysis.latency_vs_int8 = paired_latency_ratio(base, mixed, [1, 32], None)
+    paths = write_sensitivity(analysis, ctx.stage_dir)
+    logger.info(
+        f"stages[{ctx.index}]: {len(analysis.chosen)} of {len(analysis.layers)} quantized layers "
+        f"in float for max_accuracy_drop {cfg.max_accuracy_drop}: validation top-1 drop "
+        f"{analysis.int8_drop:.2f} -> {analysis.final_drop:.2f} points"
+    )
+    result.model = OnnxInt8Model(float_model.cpu(), chosen.SerializeToString())
+    result.spec = _int8_spec(ctx, cfg, route="onnxruntime")
+    result.metrics.update(
+        onnx_int8_size(chosen, reference),
+        float_layers=len(analysis.chosen),
+        float_modules=[r.layer.module for r in analysis.layers if r.float],
+        val_top1_drop=analysis.final_drop,
+        int8_val_top1_drop=analysis.int8_drop,
+        max_accuracy_drop=cfg.max_accuracy_drop,
+        sensitivity_ranking=ranking,
+        latency_vs_int8=analysis.latency_vs_int8,
+        sensitivity_seconds=analysis.seconds,
+    )
+    result.artifacts.update({k: str(p) for k, p in paths.items()})
 
 
 def _export_float(ctx: StageContext, path: Path) -> Path:
