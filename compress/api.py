@@ -101,18 +101,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Top-1/top-5 of a model (a module, or a spec such as `timm:resnet18` or a saved file) on an
     ImageFolder split; `data` is a folder or a `data` recipe section."""
-    from compress.data import ImageFolderData
     from compress.evaluation import evaluate
     from compress.models import create_model
     from compress.pipeline import resolve_device
 
-    if not isinstance(data, DataConfig):
-        raw = {"root": data} if isinstance(data, str | Path) else dict(data)
-        try:
-            data = DataConfig.model_validate(raw)
-        except ValidationError as e:
-            raise InputError("; ".join(validation_problems(e, ("data",)))) from None
-    loaded = ImageFolderData(data)
+    loaded = _image_folder(data)
     if split not in ("train", "val", "test"):
         raise InputError(f"split: expected train, val or test (got {split!r})")
     if isinstance(model, str):
@@ -120,6 +113,98 @@ def evaluate_model(
         model = create_model(model, weights=weights, num_classes=loaded.num_classes)[0]
     result = evaluate(model.eval(), loaded.loader(split), resolve_device(device), desc="eval")
     return {"split": split, **result}
+
+
+def sensitivity(
+    model: nn.Module | str,
+    data: DataConfig | dict[str, Any] | Path | str,
+    out: Path | str = "sensitivity",
+    weights: Path | str | None = None,
+    max_drop: float | None = None,
+    images: int = 1000,
+    calibration_batches: int = 16,
+    target: str = "onnxruntime",
+    ranking: str | None = None,
+) -> dict[str, Any]:
+    """Per-layer INT8 sensitivity of a model on the validation split of `data` (carved from
+    train/ as in a recipe when there is no val/), on the Q/DQ model in onnxruntime.
+
+    A float model is quantized first (onnxruntime's quantizer, every supported op INT8,
+    calibrated on `calibration_batches` training batches); an INT8 model file written by a run is
+    analysed as it is. Writes sensitivity.json and sensitivity.png to `out`; with `max_drop`,
+    also `model.int8.onnx`, the Q/DQ model with the fewest float layers that meet it.
+    Returns sensitivity.json's content."""
+    import tempfile
+
+    import onnx
+
+    from compress.deploy.onnx_export import export_float_reference
+    from compress.errors import StageFailed
+    from compress.io import atomic_path
+    from compress.models import create_model
+    from compress.quant.ort_int8 import OnnxInt8Model, quantize_onnx_int8
+    from compress.quant.ort_int8 import calibration_batches as first_batches
+    from compress.quant.qdq_layers import float_initializers
+    from compress.quant.sensitivity import BudgetUnreachable, run_sensitivity
+
+    if target not in ("onnxruntime", "tensorrt"):
+        raise InputError(f"target: expected onnxruntime or tensorrt (got {target!r})")
+    if ranking is None:
+        ranking = "speed" if target == "onnxruntime" else "accuracy"
+    if ranking not in ("speed", "accuracy") or (ranking == "speed" and target == "tensorrt"):
+        raise InputError(
+            f"ranking: speed (onnxruntime target) or accuracy (got {ranking!r} for {target})"
+        )
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise InputError(f"max_drop: expected 0 to 100 points of top-1 (got {max_drop})")
+    if images <= 0 or calibration_batches <= 0:
+        raise InputError("images and calibration_batches must be > 0")
+    loaded = _image_folder(data)
+    if isinstance(model, str):
+        weights = Path(weights) if weights is not None else None
+        model = create_model(model, weights=weights, num_classes=loaded.num_classes)[0]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; name a folder for sensitivity.json")
+    with tempfile.TemporaryDirectory(prefix="compress-sensitivity-") as tmp:
+        float_model = model.float_model if isinstance(model, OnnxInt8Model) else model.eval()
+        reference_path = export_float_reference(
+            float_model, Path(tmp) / "float.onnx", loaded.input_size
+        )
+        reference = onnx.load(str(reference_path))
+        if isinstance(model, OnnxInt8Model):
+            qdq, float_weights = onnx.load_from_string(model.onnx_bytes()), None
+        else:
+            batches = first_batches(loaded.loader("train"), calibration_batches)
+            qdq_path = Path(tmp) / "int8.onnx"
+            quantize_onnx_int8(reference_path, qdq_path, batches, target, "all")
+            qdq, float_weights = onnx.load(str(qdq_path)), float_initializers(reference)
+        note = "tensorrt target: float layers build in FP16 or FP32" if target == "tensorrt" else ""
+        try:
+            analysis, chosen = run_sensitivity(
+                qdq, reference, loaded, images, ranking, max_drop, float_weights, out, note
+            )
+        except BudgetUnreachable as e:
+            raise StageFailed(
+                f"{e} (each layer's sensitivity: {out / 'sensitivity.json'})"
+            ) from None
+    if max_drop is not None:
+        with atomic_path(out / "model.int8.onnx") as tmp_path:
+            onnx.save(chosen, str(tmp_path))
+    return analysis.to_dict()
+
+
+def _image_folder(data: DataConfig | dict[str, Any] | Path | str):
+    """The ImageFolderData of a folder, a `data` recipe section or a DataConfig."""
+    from compress.data import ImageFolderData
+
+    if not isinstance(data, DataConfig):
+        raw = {"root": data} if isinstance(data, str | Path) else dict(data)
+        try:
+            data = DataConfig.model_validate(raw)
+        except ValidationError as e:
+            raise InputError("; ".join(validation_problems(e, ("data",)))) from None
+    return ImageFolderData(data)
 
 
 def export(

@@ -109,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     add_bench_arguments(b)  # one flag per field of the backends' options models
 
+    se = sub.add_parser(
+        "sensitivity",
+        help="per-layer INT8 sensitivity of a model, and the float layers a budget needs",
+    )
+    se.add_argument("model", help="model spec, or a model.safetensors written by a run (INT8 too)")
+    se.add_argument("--weights", type=Path)
+    se.add_argument(
+        "--data", type=Path, required=True, help="ImageFolder root; measured on its val split"
+    )
+    se.add_argument(
+        "--max-drop", type=float, help="validation top-1 points the INT8 model may lose"
+    )
+    se.add_argument("--out", type=Path, default=Path("sensitivity"), help="output folder")
+    se.add_argument("--images", type=int, default=1000, help="validation images used")
+    se.add_argument("--calibration-batches", type=int, default=16)
+    se.add_argument("--batch-size", type=int, help="calibration and evaluation batch size")
+    se.add_argument("--image-size", type=int, help="model input side (default: the images' own)")
+    se.add_argument("--val-fraction", type=float, help="share of train/ carved as val")
+    se.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    se.add_argument("--ranking", choices=["speed", "accuracy"])
+    se.add_argument("--json", action="store_true", help="print sensitivity.json's content")
+
     rp = sub.add_parser("report", help="render report.md and pareto.png of a run folder")
     rp.add_argument("run_dir", type=Path)
     return p
@@ -194,6 +216,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from compress.api import sensitivity
+    from compress.quant.sensitivity import report_lines
+
+    data = {"root": args.data, "image_size": args.image_size}
+    if args.batch_size:
+        data |= {"batch_size": args.batch_size, "eval_batch_size": args.batch_size}
+    if args.val_fraction is not None:
+        data["val_fraction"] = args.val_fraction
+    doc = sensitivity(
+        args.model,
+        data,
+        args.out,
+        args.weights,
+        args.max_drop,
+        args.images,
+        args.calibration_batches,
+        args.target,
+        args.ranking,
+    )
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print("\n".join(report_lines(doc, others=len(doc["layers"]))))
+    written = "sensitivity.json, sensitivity.png" + (
+        ", model.int8.onnx" if args.max_drop is not None else ""
+    )
+    print(f"wrote {written} in {args.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from compress.api import render_report
 
@@ -208,6 +261,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "export": cmd_export,
     "bench": cmd_bench,
+    "sensitivity": cmd_sensitivity,
     "report": cmd_report,
 }
 

@@ -73,6 +73,18 @@ def export_onnx(
     return path
 
 
+def export_float_reference(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
+    """The FP32 ONNX model that INT8 quantization starts from and is compared with.
+
+    The TorchScript exporter: a tenth of the dynamo one's time, BatchNorm folded all the same,
+    and nodes named by module scope (what `full_precision` and the sensitivity report name);
+    the dynamo exporter for a model the TorchScript tracer cannot take."""
+    try:
+        return export_onnx(model, path, input_size, opset=17, dynamo=False)
+    except Exception:  # noqa: BLE001 - a model the TorchScript tracer cannot take
+        return export_onnx(model, path, input_size)
+
+
 def onnxruntime_session(
     path: Path | bytes, threads: int | None = None, provider: str = "cpu", spinning: bool = True
 ):

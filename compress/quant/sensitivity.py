@@ -18,8 +18,8 @@ How it is computed (all on the deployable Q/DQ graph in onnxruntime, on validati
    differ by one layer in fifty.
 3. Choice: layers in order of KL recovered per unit of speed cost (or of KL recovered alone),
    and the shortest prefix of that order whose model is within the budget, found by bisection
-   (log2 N evaluations; every evaluated prefix is recorded). Layers that recover nothing are
-   never put in float.
+   (log2 N evaluations; every evaluated prefix is recorded). Layers whose float version alone
+   recovers nothing come last, by what they recover.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class Sensitivity:
         return None if self.final is None else self.float_top1 - self.final.top1
 
     def order(self) -> list[str]:
-        """Nodes that recover anything, most worth putting in float first."""
+        """Every quantized layer's node, most worth putting in float first."""
         ranked = sorted((r for r in self.layers if r.rank is not None), key=lambda r: r.rank)
         return [r.layer.node for r in ranked]
 
@@ -314,7 +314,8 @@ def _rank(records: list[LayerRecord], ranking: Ranking) -> None:
         else:
             r.score = r.kl_recovered
     helpful = sorted((r for r in records if r.kl_recovered > 0), key=lambda r: -r.score)
-    for i, r in enumerate(helpful):
+    rest = sorted((r for r in records if r.kl_recovered <= 0), key=lambda r: -r.kl_recovered)
+    for i, r in enumerate(helpful + rest):  # layers that recover nothing alone come last
         r.rank = i
 
 
@@ -373,25 +374,64 @@ def fit_budget(
         return analysis.float_top1 - s.top1
 
     k, _ = shortest_prefix(order, drop_of, budget)
-    every = len(analysis.layers)
-    if k > len(order) or k == every:
-        all_float = with_float_layers(qdq, [r.layer.node for r in analysis.layers], float_weights)
-        analysis.final = val.score(all_float, threads)
+    every = len(order)
+    if k >= every and every:
+        analysis.final = scores[every]
         raise BudgetUnreachable(
             f"max_accuracy_drop {budget}: the validation top-1 drop is "
-            f"{analysis.int8_drop:.2f} points with every layer INT8"
-            + (
-                f" and {analysis.final_drop:.2f} with all {every} quantized layers in float"
-                if k > len(order)
-                else f"; only all {every} quantized layers in float meet the budget"
-            )
-            + "; raise max_accuracy_drop, calibrate on more batches, or use qat_int8"
+            f"{analysis.int8_drop:.2f} points with every layer INT8 and "
+            f"{analysis.final_drop:.2f} with all {every} quantized layers in float, so "
+            + ("no" if k > every else "only that")
+            + " mix meets it; raise max_accuracy_drop, calibrate on more batches, or use qat_int8"
+        )
+    if k > every:  # no quantized layer at all
+        raise BudgetUnreachable(
+            f"max_accuracy_drop {budget}: the model has no quantized conv/linear layer, and its "
+            f"validation top-1 drop is {analysis.int8_drop:.2f} points"
         )
     analysis.chosen = list(order[:k])
     for r in analysis.layers:
         r.float = r.layer.node in analysis.chosen
     analysis.final = scores[k]
     return models[k]
+
+
+def run_sensitivity(
+    qdq: onnx.ModelProto,
+    reference: onnx.ModelProto,
+    data: Any,
+    images: int,
+    ranking: Ranking = "speed",
+    budget: float | None = None,
+    float_weights: dict[str, np.ndarray] | None = None,
+    folder: Path | None = None,
+    note: str = "",
+) -> tuple[Sensitivity, onnx.ModelProto]:
+    """Analyse `qdq` against its FP32 model `reference` on up to `images` of `data`'s val split,
+    and with a `budget`, fit it (the model returned). sensitivity.json and sensitivity.png go to
+    `folder`, also when the budget cannot be met (BudgetUnreachable)."""
+    from compress.quant.ort_int8 import paired_latency_ratio
+
+    x, labels = validation_arrays(data, images)
+    val = ValidationSet(x, labels, onnx_logits(reference, x))
+    analysis = analyse(
+        qdq, val, top1_percent(val.reference, labels), ranking, float_weights=float_weights
+    )
+    analysis.note = note
+    chosen = qdq
+    try:
+        if budget is not None:
+            chosen = fit_budget(qdq, analysis, val, budget, float_weights)
+            if analysis.chosen and ranking == "speed":
+                with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
+                    base, mixed = Path(tmp) / "int8.onnx", Path(tmp) / "mixed.onnx"
+                    onnx.save(qdq, str(base))
+                    onnx.save(chosen, str(mixed))
+                    analysis.latency_vs_int8 = paired_latency_ratio(base, mixed, [1, 32], None)
+    finally:
+        if folder is not None:
+            write_sensitivity(analysis, folder)
+    return analysis, chosen
 
 
 def write_sensitivity(analysis: Sensitivity, folder: Path) -> dict[str, Path]:
@@ -427,10 +467,64 @@ def plot_sensitivity(analysis: Sensitivity, path: Path) -> None:
     axes[1].tick_params(axis="x", labelsize=6)
     title = f"INT8 sensitivity per layer ({analysis.images} validation images)"
     if analysis.budget is not None:
-        title += f"; orange: kept in float for max_accuracy_drop {analysis.budget}"
+        title += f"\norange: kept in float for max_accuracy_drop {analysis.budget}"
     axes[0].set_title(title, fontsize=9)
     for ax in axes:
         ax.axhline(0, color="black", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
+
+
+def report_lines(doc: dict[str, Any], plot: str | None = None, others: int = 10) -> list[str]:
+    """Markdown for a sensitivity.json document: the outcome, the plot, and a table of the float
+    layers and the `others` next most worth it."""
+    from compress.markdown import table
+
+    def num(v: float | None, spec: str = ".2f") -> str:
+        return "–" if v is None else format(v, spec)
+
+    layers = doc.get("layers", [])
+    kept = sorted((r for r in layers if r.get("float")), key=lambda r: r.get("rank") or 0)
+    lines = []
+    if doc.get("budget_top1_drop") is not None:
+        lines.append(
+            f"{len(kept)} of {len(layers)} quantized layers kept in float for max_accuracy_drop "
+            f"{doc['budget_top1_drop']}: validation top-1 drop {num(doc.get('int8_top1_drop'))} "
+            f"points with every layer INT8, {num(doc.get('final_top1_drop'))} with these in float "
+            f"({doc.get('images')} validation images; float model {num(doc.get('float_top1'))}%)."
+        )
+    if doc.get("latency_vs_int8") is not None:
+        lines.append(
+            f"Latency with them in float: {doc['latency_vs_int8']:.2f}x the all-INT8 model's "
+            "(onnxruntime CPU, paired, mean over batch 1 and 32)."
+        )
+    if doc.get("note"):
+        lines.append(doc["note"] + ".")
+    if plot:
+        lines += ["", f"![INT8 sensitivity per layer]({plot})"]
+    ranked = sorted((r for r in layers if r.get("rank") is not None), key=lambda r: r["rank"])
+    shown = kept + [r for r in ranked if not r.get("float")][:others]
+    rows = [
+        [
+            r["module"] or "–",
+            f"`{r['node']}`",
+            num(r.get("top1_drop")),
+            num(r.get("kl_recovered"), ".4f"),
+            "–" if r.get("speed_cost") is None else f"{100 * r['speed_cost']:.1f}%",
+            "–" if r.get("rank") is None else str(r["rank"] + 1),
+            "float" if r.get("float") else "INT8",
+        ]
+        for r in shown
+    ]
+    headers = ["module", "ONNX node", "top-1 drop as INT8", "KL added", "speed cost", "rank"]
+    lines += ["", *table([*headers, "kept"], rows)] if rows else []
+    lines += [
+        "",
+        "Each layer alone back in float in the all-INT8 model: the validation top-1 points and "
+        "the KL divergence from the float model's outputs it removes, and what it adds to the "
+        "latency as a share of the all-INT8 model's (onnxruntime's kernel profile). Rank: the "
+        "order in which layers return to float (KL removed per unit of speed cost).",
+        "",
+    ]
+    return lines

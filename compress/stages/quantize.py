@@ -28,8 +28,9 @@ from typing import Any, Literal
 import onnx
 from pydantic import Field, model_validator
 
-from compress.deploy.onnx_export import export_onnx
+from compress.deploy.onnx_export import export_float_reference
 from compress.errors import InputError, StageFailed
+from compress.io import read_json_if_intact
 from compress.log import logger
 from compress.markdown import fmt, table
 from compress.models import ModelSpec
@@ -47,22 +48,17 @@ from compress.quant.ort_int8 import (
     Placement,
     calibration_batches,
     onnx_int8_size,
-    paired_latency_ratio,
     quantize_onnx_int8,
 )
 from compress.quant.points import PointQuantizer, assign_points, gradient_norms
 from compress.quant.qdq_layers import float_initializers
 from compress.quant.sensitivity import (
     SENSITIVITY_JSON,
+    SENSITIVITY_PNG,
     BudgetUnreachable,
     Ranking,
-    ValidationSet,
-    analyse,
-    fit_budget,
-    onnx_logits,
-    top1_percent,
-    validation_arrays,
-    write_sensitivity,
+    report_lines,
+    run_sensitivity,
 )
 from compress.quant.size import size_report
 from compress.quant.weights import WeightQuantizer, select_layers
@@ -271,31 +267,31 @@ def _fit_accuracy_budget(
     # onnxruntime's quantizer keeps the FP32 weights' names, so a float layer gets them back;
     # Brevitas' (QAT-trained) weights are the dequantized integers.
     weights = float_initializers(reference) if isinstance(model, OnnxInt8Model) else None
-    images, labels = validation_arrays(ctx.data, cfg.sensitivity_images)
-    val = ValidationSet(images, labels, onnx_logits(reference, images))
     ranking = cfg.sensitivity_ranking or (
         "speed" if cfg.int8_target == "onnxruntime" else "accuracy"
     )
-    analysis = analyse(
-        qdq, val, top1_percent(val.reference, labels), ranking, float_weights=weights
-    )
-    if cfg.int8_target == "tensorrt":
-        analysis.note = "tensorrt target: float layers build in FP16 or FP32; ranked by accuracy"
+    note = "tensorrt target: float layers build in FP16 or FP32; ranked by accuracy"
     try:
-        chosen = fit_budget(qdq, analysis, val, cfg.max_accuracy_drop, weights)
+        analysis, chosen = run_sensitivity(
+            qdq,
+            reference,
+            ctx.data,
+            cfg.sensitivity_images,
+            ranking,
+            cfg.max_accuracy_drop,
+            weights,
+            ctx.stage_dir,
+            note if cfg.int8_target == "tensorrt" else "",
+        )
     except BudgetUnreachable as e:
-        write_sensitivity(analysis, ctx.stage_dir)
         raise StageFailed(
             f"stages[{ctx.index}].{e} (each layer's sensitivity: "
             f"{ctx.stage_dir / SENSITIVITY_JSON})"
         ) from None
-    if analysis.chosen and ranking == "speed":
-        with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
-            base, mixed = Path(tmp) / "int8.onnx", Path(tmp) / "mixed.onnx"
-            onnx.save(qdq, str(base))
-            onnx.save(chosen, str(mixed))
-            analysis.latency_vs_int8 = paired_latency_ratio(base, mixed, [1, 32], None)
-    paths = write_sensitivity(analysis, ctx.stage_dir)
+    paths = {
+        "sensitivity": ctx.stage_dir / SENSITIVITY_JSON,
+        "sensitivity_plot": ctx.stage_dir / SENSITIVITY_PNG,
+    }
     logger.info(
         f"stages[{ctx.index}]: {len(analysis.chosen)} of {len(analysis.layers)} quantized layers "
         f"in float for max_accuracy_drop {cfg.max_accuracy_drop}: validation top-1 drop "
@@ -318,12 +314,7 @@ def _fit_accuracy_budget(
 
 
 def _export_float(ctx: StageContext, path: Path) -> Path:
-    # The TorchScript exporter: a tenth of the dynamo one's time, BatchNorm folded all the same,
-    # and nodes named by module scope (what full_precision names).
-    try:
-        return export_onnx(ctx.model, path, ctx.data.input_size, opset=17, dynamo=False)
-    except Exception:  # noqa: BLE001 - a model the TorchScript tracer cannot take
-        return export_onnx(ctx.model, path, ctx.data.input_size)
+    return export_float_reference(ctx.model, path, ctx.data.input_size)
 
 
 def _int8_spec(ctx: StageContext, cfg: QuantizeStage, **route: str) -> ModelSpec:
@@ -445,6 +436,12 @@ def report_section(
         "CPU, timed in alternation in the export stage, by batch size.",
         "",
     ]
+    for entry in entries:
+        doc = read_json_if_intact(run_dir / entry["dir"] / SENSITIVITY_JSON)
+        if isinstance(doc, dict):
+            plot = f"{entry['dir']}/{SENSITIVITY_PNG}"
+            lines += [f"### Mixed precision: {entry['label']}", ""]
+            lines += report_lines(doc, plot if (run_dir / plot).is_file() else None)
     return lines
 
 
