@@ -118,10 +118,15 @@ def node_module(node: onnx.NodeProto) -> str:
             except (ValueError, SyntaxError):
                 scopes = []
             return scopes[-2] if len(scopes) > 1 else ""  # the last scope is the op itself
-    path = ""
+    # Each scope is named inside its parent: `/features/features.2/block/block.0/Conv` is
+    # features.2.block.0, a child of a Sequential repeating its parent's own name.
+    parts: list[str] = []
     for part in node.name.strip("/").split("/")[:-1]:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    return path
+        if parts and part.startswith(parts[-1] + "."):
+            parts[-1] = part
+        else:
+            parts.append(part)
+    return ".".join(parts)
 
 
 def module_nodes(model: onnx.ModelProto, modules: list[str]) -> list[str]:

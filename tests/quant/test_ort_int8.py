@@ -120,6 +120,10 @@ def test_measured_placement_tries_every_group_and_keeps_a_valid_model(resnet20, 
 def test_node_module_reads_both_exporters_names():
     torchscript = helper.make_node("Conv", ["x", "w"], ["y"], name="/blocks/blocks.0/conv_dw/Conv")
     assert node_module(torchscript) == "blocks.0.conv_dw"
+    nested = "/features/features.2/block/block.0/block.0.0/Conv"  # torchvision MobileNetV3
+    assert node_module(helper.make_node("Conv", ["x", "w"], ["y"], name=nested)) == (
+        "features.2.block.0.0"
+    )
     dynamo = helper.make_node("Conv", ["x", "w"], ["y"], name="node_Conv_12")
     entry = dynamo.metadata_props.add()
     entry.key, entry.value = "pkg.torch.onnx.name_scopes", "['', 'layer1', 'layer1.0.bn1', 'bn']"

@@ -1,0 +1,238 @@
+"""Per-layer INT8 sensitivity and the accuracy budget: layers back in float in the Q/DQ graph,
+the bisection, the quantize stage's `max_accuracy_drop`, and `compress sensitivity`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress.deploy.onnx_export import export_onnx
+from compress.errors import InputError
+from compress.models import ModelSpec, build_model, load_model
+from compress.quant.ort_int8 import quantize_onnx_int8
+from compress.quant.qdq_layers import float_initializers, quantized_layers, with_float_layers
+from compress.quant.sensitivity import mean_kl, onnx_logits, shortest_prefix
+from tests.conftest import run_cli, write_recipe
+
+SIZE = (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet20_int8(tmp_path_factory, tiny_image_folder):
+    """cifar_resnet20 (random init, BatchNorm statistics from real images), its FP32 ONNX export,
+    its all-INT8 Q/DQ model and real images."""
+    from compress.config import DataConfig
+    from compress.data import ImageFolderData
+
+    torch.manual_seed(0)
+    data = ImageFolderData(DataConfig(root=tiny_image_folder, augment="none", batch_size=16), 0)
+    batches = [images.numpy() for images, *_ in data.loader("train", train=False)]
+    model = build_model(ModelSpec("cifar_resnet20", {"num_classes": data.num_classes}))
+    with torch.no_grad():
+        model.train()(torch.from_numpy(np.concatenate(batches)))
+    model.eval()
+    folder = tmp_path_factory.mktemp("r20-int8")
+    export_onnx(model, folder / "float.onnx", SIZE, opset=17, dynamo=False)
+    quantize_onnx_int8(folder / "float.onnx", folder / "int8.onnx", batches[:2], placement="all")
+    images = np.concatenate(batches)
+    return (
+        model,
+        onnx.load(str(folder / "float.onnx")),
+        onnx.load(str(folder / "int8.onnx")),
+        images,
+    )
+
+
+def test_every_layer_back_in_float_rejoins_the_fp32_model(resnet20_int8):
+    model, reference, qdq, images = resnet20_int8
+    layers = quantized_layers(qdq)
+    modules = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    assert {layer.module for layer in layers} == modules  # every conv/linear, named as PyTorch does
+    fp32 = onnx_logits(reference, images)
+    int8_kl = mean_kl(fp32, onnx_logits(qdq, images))
+    all_float = with_float_layers(
+        qdq, [layer.node for layer in layers], float_initializers(reference)
+    )
+    onnx.checker.check_model(all_float)
+    assert quantized_layers(all_float) == []
+    # What is left quantized (residual adds, pooling) costs less than the layers did;
+    # reading the QuantizeLinear's input without its saturation would lose the Relus that
+    # onnxruntime's quantizer folds into it.
+    assert mean_kl(fp32, onnx_logits(all_float, images)) < 0.5 * int8_kl
+
+
+def test_one_layer_in_float_gets_its_fp32_weights_and_the_rest_stay_int8(resnet20_int8):
+    model, reference, qdq, images = resnet20_int8
+    layers = quantized_layers(qdq)
+    target = layers[3]
+    edited = with_float_layers(qdq, [target.node], float_initializers(reference))
+    assert [layer.node for layer in quantized_layers(edited)] == [
+        layer.node for layer in layers if layer.node != target.node
+    ]
+    node = next(n for n in edited.graph.node if n.name == target.node)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in edited.graph.initializer}
+    fp32 = float_initializers(reference)  # BatchNorm folded in, as the export writes them
+    stem = node.input[1].removesuffix("_float")
+    np.testing.assert_array_equal(inits[node.input[1]], fp32[stem])
+    assert np.isfinite(onnx_logits(edited, images)).all()
+    with pytest.raises(KeyError, match="no node named"):
+        with_float_layers(qdq, ["/not/a/node"])
+
+
+def test_shortest_prefix_bisects_to_the_first_prefix_within_the_budget():
+    order = [f"layer{i}" for i in range(40)]
+    calls = []
+
+    def drop_of(nodes):  # each of the first 13 layers recovers a tenth of a point
+        calls.append(len(nodes))
+        return 2.0 - 0.1 * min(len(nodes), 13)
+
+    k, seen = shortest_prefix(order, drop_of, budget=1.0)
+    assert k == 10 and seen[k] <= 1.0 and seen[k - 1] > 1.0
+    assert len(calls) <= 2 + int(np.ceil(np.log2(len(order))))
+    assert shortest_prefix(order, drop_of, budget=0.5)[0] == len(order) + 1  # never reached
+    assert shortest_prefix(order, drop_of, budget=2.0)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"method": "ptq_int8", "max_accuracy_drop": -0.5}, "max_accuracy_drop"),
+        ({"method": "quantized_distillation", "max_accuracy_drop": 0.5}, "needs method ptq_int8"),
+        (
+            {
+                "method": "ptq_int8",
+                "int8_target": "tensorrt",
+                "int8_placement": "all",
+                "max_accuracy_drop": 0.5,
+                "sensitivity_ranking": "speed",
+            },
+            "sensitivity_ranking",
+        ),
+    ],
+)
+def test_impossible_budgets_are_refused_at_validation(tiny_image_folder, stage, message):
+    from compress.api import as_recipe
+
+    recipe = {
+        "name": "bad",
+        "data": {"root": str(tiny_image_folder)},
+        "student": "cifar_resnet20",
+        "stages": [{"type": "quantize", **stage}],
+    }
+    with pytest.raises(InputError, match=message) as e:
+        as_recipe(recipe)
+    assert "stages.0" in str(e.value) or "stages[0]" in str(e.value)
+
+
+def _budget_recipe(cifar_root, resnet20_weights, budget: float) -> dict:
+    """ptq_int8 of the pretrained ResNet-20 calibrated on 8 images (so INT8 loses accuracy) with a
+    top-1 budget on a 200-image validation split; the export gate is left wide open."""
+    return {
+        "name": "budget",
+        "seed": 0,
+        "data": {
+            "root": str(cifar_root),
+            "limit_per_class": 40,
+            "test_limit_per_class": 10,
+            "val_fraction": 0.5,
+            "augment": "none",
+            "batch_size": 8,
+        },
+        "student": {"model": "cifar_resnet20", "weights": str(resnet20_weights)},
+        "stages": [
+            {
+                "type": "quantize",
+                "method": "ptq_int8",
+                "int8_placement": "all",
+                "calibration_batches": 1,
+                "max_accuracy_drop": budget,
+            },
+            {"type": "export", "int8_max_drop": 100, "speedup_batch_sizes": None},
+        ],
+    }
+
+
+@pytest.mark.slow
+def test_budget_returns_the_fewest_layers_to_float_and_the_model_deploys(
+    tmp_path, cifar_root, resnet20_weights
+):
+    import compress
+
+    report = compress.run(_budget_recipe(cifar_root, resnet20_weights, 0.5), out=tmp_path / "run")
+    stage = tmp_path / "run" / "00-quantize"
+    doc = json.loads((stage / "sensitivity.json").read_text())
+    assert doc["split"] == "val" and doc["images"] == 200
+    assert len(doc["layers"]) == 20 and (stage / "sensitivity.png").stat().st_size > 0
+    assert doc["int8_top1_drop"] > 0.5  # 8 calibration images: plain PTQ misses the budget ...
+    assert doc["final_top1_drop"] <= 0.5  # ... and the float layers bring it within
+    chosen = doc["float_layers"]
+    assert 0 < len(chosen) < 20
+    ranks = {r["node"]: r["rank"] for r in doc["layers"]}
+    assert sorted(ranks[n] for n in chosen) == list(range(len(chosen)))  # a prefix of the ranking
+    # the smallest prefix evaluated that meets the budget is the one taken
+    passing = [e["float_layers"] for e in doc["evaluations"] if e["top1_drop"] <= 0.5]
+    assert min(passing) == len(chosen)
+    # the saved model is that Q/DQ model: exactly the chosen layers run in float
+    model, spec = load_model(stage / "model.safetensors")
+    qdq = onnx.load_from_string(model.onnx_bytes())
+    int8_nodes = {layer.node for layer in quantized_layers(qdq)}
+    assert int8_nodes.isdisjoint(chosen) and len(int8_nodes) == 20 - len(chosen)
+    entry = next(m for m in report["models"] if m["name"] == "00-quantize")
+    assert entry["float_layers"] == len(chosen) and entry["int8_layers"] == 20 - len(chosen)
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    assert "### Mixed precision: quantize" in report_md
+    assert f"`{chosen[0]}`" in report_md and "00-quantize/sensitivity.png" in report_md
+
+
+@pytest.mark.slow
+def test_a_budget_only_all_float_could_meet_fails_and_keeps_the_analysis(
+    tmp_path, cifar_root, resnet20_weights
+):
+    recipe = write_recipe(tmp_path / "r.yaml", _budget_recipe(cifar_root, resnet20_weights, 0.0))
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.returncode == 1, result.stderr
+    assert "stages[0].max_accuracy_drop 0.0" in result.stderr
+    assert "quantized layers in float" in result.stderr and "Traceback" not in result.stderr
+    doc = json.loads((tmp_path / "run" / "00-quantize" / "sensitivity.json").read_text())
+    assert len(doc["layers"]) == 20 and doc["float_layers"] == []
+
+
+def test_sensitivity_command_on_a_model_the_user_brings(tmp_path, tiny_image_folder):
+    out = tmp_path / "sens"
+    result = run_cli(
+        "sensitivity",
+        "torchvision:mobilenet_v3_small",
+        "--data",
+        str(tiny_image_folder),
+        "--out",
+        str(out),
+        "--calibration-batches",
+        "1",
+        "--ranking",
+        "accuracy",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc == json.loads((out / "sensitivity.json").read_text())
+    assert (out / "sensitivity.png").stat().st_size > 0
+    model = build_model(ModelSpec("torchvision:mobilenet_v3_small", {"num_classes": 3}))
+    convs = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    modules = [r["module"] for r in doc["layers"]]
+    assert set(modules) <= convs and len(modules) > 40  # depthwise, SE and pointwise convs too
+    assert sorted(r["rank"] for r in doc["layers"]) == list(range(len(modules)))
+    bad = run_cli(
+        "sensitivity", "cifar_resnet20", "--data", str(tiny_image_folder), "--max-drop", "-1"
+    )
+    assert bad.returncode == 2 and "max_drop" in bad.stderr and "Traceback" not in bad.stderr
