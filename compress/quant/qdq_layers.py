@@ -42,8 +42,14 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: n for n in graph.node for out in n.output}
 
 
-def quantized_layers(model: onnx.ModelProto) -> list[QuantLayer]:
-    """Every conv/linear node whose weight is dequantized from integers, in graph order."""
+def quantized_layers(
+    model: onnx.ModelProto, reference: onnx.ModelProto | None = None
+) -> list[QuantLayer]:
+    """Every conv/linear node whose weight is dequantized from integers, in graph order.
+
+    Module names come from the node names, or from `reference` (the FP32 export of the same
+    model) where every one of its conv/linear nodes is quantized: the i-th layer is then its i-th
+    (Brevitas renames the modules it traces: `layer1.0.conv1` becomes `layer1_0_conv1`)."""
     graph = model.graph
     producers = _producers(graph)
     inits = {i.name: i for i in graph.initializer}
@@ -58,6 +64,16 @@ def quantized_layers(model: onnx.ModelProto) -> list[QuantLayer]:
         init = inits.get(source) or inits.get(dq.input[0])
         weights = int(np.prod(init.dims)) if init is not None else 0
         layers.append(QuantLayer(node.name, node_module(node), node.op_type, weights))
+    if reference is not None:
+        originals = [n for n in reference.graph.node if n.op_type in LAYER_OPS]
+        same = [n.op_type for n in originals] == [layer.op_type for layer in layers]
+        if same and any(
+            node_module(n) != layer.module for n, layer in zip(originals, layers, strict=True)
+        ):
+            layers = [
+                QuantLayer(layer.node, node_module(n), layer.op_type, layer.weights)
+                for n, layer in zip(originals, layers, strict=True)
+            ]
     return layers
 
 

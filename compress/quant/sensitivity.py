@@ -268,11 +268,13 @@ def analyse(
     batch_sizes: Sequence[int] = (1, 32),
     float_weights: dict[str, np.ndarray] | None = None,
     threads: int | None = None,
+    reference: onnx.ModelProto | None = None,
 ) -> Sensitivity:
-    """Each quantized layer's effect on accuracy (and, for `ranking: speed`, on latency)."""
+    """Each quantized layer's effect on accuracy (and, for `ranking: speed`, on latency);
+    `reference`, the FP32 model, names the layers' modules where the Q/DQ graph renamed them."""
     t0 = time.perf_counter()
     threads = threads or default_threads()
-    layers = quantized_layers(qdq)
+    layers = quantized_layers(qdq, reference)
     int8 = val.score(qdq, threads)
     base_times = (
         {b: kernel_times(qdq, b, threads) for b in batch_sizes} if ranking == "speed" else {}
@@ -414,8 +416,9 @@ def run_sensitivity(
 
     x, labels = validation_arrays(data, images)
     val = ValidationSet(x, labels, onnx_logits(reference, x))
+    float_top1 = top1_percent(val.reference, labels)
     analysis = analyse(
-        qdq, val, top1_percent(val.reference, labels), ranking, float_weights=float_weights
+        qdq, val, float_top1, ranking, float_weights=float_weights, reference=reference
     )
     analysis.note = note
     chosen = qdq

@@ -236,3 +236,33 @@ def test_sensitivity_command_on_a_model_the_user_brings(tmp_path, tiny_image_fol
         "sensitivity", "cifar_resnet20", "--data", str(tiny_image_folder), "--max-drop", "-1"
     )
     assert bad.returncode == 2 and "max_drop" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_qat_model_is_analysed_as_its_qdq_export_with_the_modules_names(
+    tmp_path, cifar_root, resnet20_weights
+):
+    import compress
+    from compress.quant.ort_int8 import OnnxInt8Model
+
+    recipe = _budget_recipe(cifar_root, resnet20_weights, 1.0)
+    recipe["stages"][0] = {
+        "type": "quantize",
+        "method": "qat_int8",
+        "distill_from": "input",
+        "epochs": 1,
+        "calibration_batches": 2,
+        "max_accuracy_drop": 1.0,
+    }
+    compress.run(recipe, out=tmp_path / "run")
+    stage = tmp_path / "run" / "00-quantize"
+    doc = json.loads((stage / "sensitivity.json").read_text())
+    model, spec = load_model(stage / "model.safetensors")
+    assert isinstance(model, OnnxInt8Model) and spec.int8["route"] == "onnxruntime"
+    convs = [
+        n
+        for n, m in model.float_model.named_modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    ]
+    assert [r["module"] for r in doc["layers"]] == convs  # not Brevitas' traced names
+    assert doc["final_top1_drop"] <= 1.0
