@@ -52,6 +52,37 @@ def record_paired(result: dict, key: str, paired: PairedResult, what: str | None
     return paired.median_ratio
 
 
+def train_then_ptq_recipe(
+    prefix: str, student: dict, args: argparse.Namespace, placement: str = "measured"
+) -> dict:
+    """A short real training of `student` on the shared CIFAR-10 (`args.epochs` with AdamW at
+    `args.lr` over `args.per_class` images per class, `args.test_per_class` test images), then
+    `ptq_int8` on `args.calibration_batches` batches with `placement`, and its export with the
+    gate wide open (the drop is measured, not stopped at)."""
+    return {
+        "name": f"{prefix}-" + student["model"].replace(":", "-"),
+        "seed": args.seed,
+        "data": {
+            "root": str(require(SHARED / "data" / "cifar10")),
+            "limit_per_class": args.per_class,
+            "test_limit_per_class": args.test_per_class,
+            "augment": "flip",
+            "batch_size": 64,
+        },
+        "student": student,
+        "stages": [
+            {"type": "train", "epochs": args.epochs, "optimizer": "adamw", "lr": args.lr},
+            {
+                "type": "quantize",
+                "method": "ptq_int8",
+                "int8_placement": placement,
+                "calibration_batches": args.calibration_batches,
+            },
+            {"type": "export", "int8_max_drop": 100, "speedup_batch_sizes": None},
+        ],
+    }
+
+
 def add_search_mode(parser: argparse.ArgumentParser, help: str) -> None:
     """`--mode`: one of the search stage's modes, as its recipe schema lists them."""
     from compress.stages.search import SearchStage

@@ -31,7 +31,14 @@ from pathlib import Path
 import onnx
 import torch
 
-from benchmarks._common import SHARED, record_paired, require, run_recipe, save
+from benchmarks._common import (
+    SHARED,
+    record_paired,
+    require,
+    run_recipe,
+    save,
+    train_then_ptq_recipe,
+)
 from compress.api import as_recipe
 from compress.data import ImageFolderData
 from compress.deploy.onnx_export import OnnxRuntimeModel
@@ -75,27 +82,7 @@ def recipe_for(arch: str, args: argparse.Namespace) -> dict:
     student: dict = {"model": arch}
     if arch in PRETRAINED:
         student["weights"] = str(require(SHARED / "weights" / "cifar_resnet" / PRETRAINED[arch]))
-    return {
-        "name": "zoo-" + arch.replace(":", "-"),
-        "seed": args.seed,
-        "data": {
-            "root": str(require(SHARED / "data" / "cifar10")),
-            "limit_per_class": args.per_class,
-            "test_limit_per_class": args.test_per_class,
-            "augment": "flip",
-            "batch_size": 64,
-        },
-        "student": student,
-        "stages": [
-            {"type": "train", "epochs": args.epochs, "optimizer": "adamw", "lr": args.lr},
-            {
-                "type": "quantize",
-                "method": "ptq_int8",
-                "calibration_batches": args.calibration_batches,
-            },
-            {"type": "export", "int8_max_drop": 100, "speedup_batch_sizes": None},
-        ],
-    }
+    return train_then_ptq_recipe("zoo", student, args, placement="measured")
 
 
 def ort_quantize_static(float_onnx: Path, out: Path, batches: list) -> Path:

@@ -19,6 +19,7 @@ _API = {
         "preflight_warnings",
         "render_report",
         "run",
+        "sensitivity",
     ),
     "compress.recipe": ("Recipe", "load_recipe", "parse_recipe"),
     "compress.models": (

@@ -1,0 +1,244 @@
+"""The whole chain, and the accuracy-budget fallback against the usual manual choices.
+
+`--part chain` runs recipes/chain_cifar10.yaml (adapt the teacher, search, distil, INT8 QAT with
+`max_accuracy_drop`, export, bench) as shipped, or with `--full` on the whole train split with
+longer schedules, and reports its goals against the adapted teacher on the test split: the INT8
+student's ONNX file against the FP32 teacher's, the paired onnxruntime CPU speed-up at batch 1
+and 32 (the bench stage's `speedup_vs_teacher`), and the top-1 gap.
+
+`--part fallback` trains one architecture briefly (a depthwise network by default), quantizes it
+with `ptq_int8` on few calibration batches (every supported op INT8), and then chooses the float
+layers that bring its validation top-1 within `--budget` three ways, each the smallest number of
+layers that meets the budget on the same validation images:
+- compress: the sensitivity ranking (`max_accuracy_drop`'s choice);
+- random: layers in a random order (`--random-seeds` orders; the median count is reported);
+- first_last: the first and the last layers, then the second and the second-to-last, and so on
+  (the usual manual rule of keeping the stem and the classifier in float).
+Each is also scored with as many float layers as compress's choice. All of them, the FP32 and
+the all-INT8 models are scored on the test split and timed against FP32 in alternation at batch 1
+and 32 (`--rounds` rounds, the speed-up the median of the per-round ratios).
+
+Last stdout line: JSON; also results/chain.json or results/chain_fallback.json (`--name`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from benchmarks._common import (
+    REPO,
+    SHARED,
+    record_paired,
+    require,
+    run_recipe,
+    save,
+    train_then_ptq_recipe,
+)
+
+FULL = [  # the full configuration: every training image, longer schedules
+    "data.limit_per_class=null",
+    "stages.0.epochs=15",
+    "stages.1.updates=30",
+    "stages.1.candidate_steps=100",
+    "stages.1.candidate_images=10000",
+    "stages.2.epochs=60",
+    "stages.3.epochs=5",
+]
+
+
+def chain(args: argparse.Namespace) -> dict:
+    overrides = [f"data.root={require(SHARED / 'data' / 'cifar10')}"]
+    overrides.append(f"teacher.weights={SHARED / 'weights/cifar_resnet/resnet56-4bfd9763.th'}")
+    overrides += (FULL if args.full else []) + args.set
+    out = Path(args.out or tempfile.mkdtemp(prefix="compress-chain-"))
+    run, wall = run_recipe(REPO / "recipes" / "chain_cifar10.yaml", out, overrides)
+    teacher = run.models["teacher"]
+    export = run.stage(type="export")
+    bench = run.stage(type="bench")
+    quantize = run.stage(type="quantize")
+    student_bytes = export.file("model.onnx").stat().st_size
+    teacher_bytes = bench.file("teacher.onnx").stat().st_size
+    speedup = bench.metrics["speedup_vs_teacher"]
+    top1 = export.metrics["onnx_test_top1"]
+    result = {
+        "benchmark": "chain",
+        "date": time.strftime("%Y-%m-%d"),
+        "configuration": "full" if args.full else "shipped",
+        "overrides": overrides,
+        "wall_s": wall,
+        "stage_wall_s": {s.label: s.wall_time_s for s in run.stages},
+        "teacher_test_top1": teacher["top1"],  # the adapted teacher, on the whole test split
+        "teacher_params": teacher["params"],
+        "student_params": run.model(type="distill")["params"],
+        "student_float_test_top1": run.model(type="distill")["top1"],
+        "student_int8_test_top1": top1,
+        "test_images": export.metrics.get("test_images"),
+        "top1_gap_points": teacher["top1"] - top1,
+        "teacher_fp32_onnx_bytes": teacher_bytes,
+        "student_int8_onnx_bytes": student_bytes,
+        "size_ratio": teacher_bytes / student_bytes,
+        "speedup_vs_teacher": {b: s["median_ratio"] for b, s in speedup.items()},
+        "speedup_paired": speedup,
+        "float_layers": quantize.metrics.get("float_modules"),
+        "val_top1_drop": quantize.metrics.get("val_top1_drop"),
+        "int8_speedup_vs_fp32_student": export.metrics.get("int8_speedup", {}).get("speedup"),
+    }
+    result["goals"] = {
+        "size_10x": result["size_ratio"] >= 10,
+        "speed_3x_b1": result["speedup_vs_teacher"].get("1", 0) >= 3,
+        "speed_3x_b32": result["speedup_vs_teacher"].get("32", 0) >= 3,
+        "top1_within_1.5": result["top1_gap_points"] <= 1.5,
+    }
+    return result
+
+
+def first_last(nodes: list[str]) -> list[str]:
+    """First, last, second, second-to-last, ...: the manual rule, extended one layer at a time."""
+    out, lo, hi = [], 0, len(nodes) - 1
+    while lo <= hi:
+        out.append(nodes[lo])
+        if hi != lo:
+            out.append(nodes[hi])
+        lo, hi = lo + 1, hi - 1
+    return out
+
+
+def fallback(args: argparse.Namespace) -> dict:
+    from compress.api import as_recipe
+    from compress.data import ImageFolderData
+    from compress.deploy.onnxruntime_backend import interleaved_latency
+    from compress.deploy.timing import BenchSettings, paired_result
+    from compress.quant.qdq_layers import float_initializers, with_float_layers
+    from compress.quant.sensitivity import (
+        ValidationSet,
+        onnx_logits,
+        run_sensitivity,
+        shortest_prefix,
+        top1_percent,
+        validation_arrays,
+    )
+
+    recipe = as_recipe(train_then_ptq_recipe("fallback", {"model": args.arch}, args, "all"))
+    out = Path(args.out or tempfile.mkdtemp(prefix="compress-fallback-"))
+    run, wall = run_recipe(recipe, out)
+    quantize = run.stage(type="quantize")
+    qdq = onnx.load_from_string(quantize.load_model()[0].onnx_bytes())
+    reference = onnx.load(str(quantize.file("float.onnx")))
+    weights = float_initializers(reference)
+    data = ImageFolderData(recipe.data, recipe.seed)
+    t0 = time.perf_counter()
+    analysis, chosen = run_sensitivity(
+        qdq, reference, data, args.val_images, "speed", args.budget, weights, out / "sensitivity"
+    )
+    seconds = time.perf_counter() - t0
+    x, y = validation_arrays(data, args.val_images)
+    val = ValidationSet(x, y, onnx_logits(reference, x))
+
+    def drop_of(nodes: list[str]) -> float:
+        model = with_float_layers(qdq, nodes, weights) if nodes else qdq
+        return analysis.float_top1 - val.score(model).top1
+
+    nodes = [r.layer.node for r in analysis.layers]  # graph order
+    k = len(analysis.chosen)
+    orders = {"compress": analysis.order(), "first_last": first_last(nodes)}
+    for seed in range(args.random_seeds):
+        orders[f"random{seed}"] = list(np.random.default_rng(seed).permutation(nodes))
+    choices: dict[str, dict] = {}
+    for name, order in orders.items():
+        needed, _ = shortest_prefix(order, drop_of, args.budget)
+        choices[name] = {
+            "float_layers_needed": needed if needed <= len(order) else None,
+            "val_drop_with_compress_count": drop_of(list(order[:k])),
+            "layers": list(order[: min(needed, len(order))]),
+        }
+    test_x, test_y = [], []
+    for images, labels, *_ in data.loader("test"):
+        test_x.append(images.numpy().astype(np.float32))
+        test_y.append(labels.numpy())
+    tx, ty = np.concatenate(test_x), np.concatenate(test_y)
+    models = {"fp32": reference, "int8": qdq}
+    for name, choice in choices.items():
+        if choice["float_layers_needed"] is not None:
+            models[name] = with_float_layers(qdq, choice["layers"], weights)
+    fp32_test = top1_percent(onnx_logits(reference, tx), ty)
+    result: dict = {
+        "benchmark": "chain_fallback",
+        "date": time.strftime("%Y-%m-%d"),
+        "arch": args.arch,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("part", "set", "out")},
+        "train_and_ptq_wall_s": wall,
+        "sensitivity_seconds": seconds,
+        "quantized_layers": len(nodes),
+        "val_images": len(y),
+        "test_images": len(ty),
+        "fp32_val_top1": analysis.float_top1,
+        "int8_val_drop": analysis.int8_drop,
+        "fp32_test_top1": fp32_test,
+        "test_drop": {
+            name: fp32_test - top1_percent(onnx_logits(m, tx), ty) for name, m in models.items()
+        },
+        "float_layers_needed": {n: c["float_layers_needed"] for n, c in choices.items()},
+        "val_drop_with_compress_count": {
+            n: c["val_drop_with_compress_count"] for n, c in choices.items()
+        },
+        "compress_float_modules": [r.layer.module for r in analysis.layers if r.float],
+    }
+    random = [c for n, c in result["float_layers_needed"].items() if n.startswith("random")]
+    result["random_needed_median"] = (
+        statistics.median([len(nodes) + 1 if c is None else c for c in random]) if random else None
+    )
+    with tempfile.TemporaryDirectory(prefix="compress-fallback-") as tmp:
+        paths = {}
+        for name, model in models.items():
+            paths[name] = Path(tmp) / f"{name}.onnx"
+            onnx.save(model, str(paths[name]))
+        settings = BenchSettings(warmup=3, min_iters=10, min_duration_s=0.2, repeats=args.rounds)
+        runs = interleaved_latency(paths, [1, 32], settings, sessions="kept")
+    speedup: dict[str, dict[str, float]] = {}
+    for b, by in runs.items():
+        for name in models:
+            if name != "fp32":
+                paired = paired_result(by[name], by["fp32"])
+                key = f"{name}_b{b}"
+                speedup.setdefault(name, {})[b] = record_paired(result, key, paired)
+    result["speedup_vs_fp32"] = speedup
+    result["compress_speedup_kept"] = {
+        b: speedup["compress"][b] / speedup["int8"][b] for b in speedup["int8"]
+    }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["chain", "fallback"], default="chain")
+    p.add_argument("--full", action="store_true", help="chain: the full configuration")
+    p.add_argument("--set", action="append", default=[], help="chain: a recipe override")
+    p.add_argument("--out", help="run folder (default: a temporary one)")
+    p.add_argument("--name", help="result file name (default: chain or chain_fallback)")
+    p.add_argument("--arch", default="timm:mobilenetv3_small_100", help="fallback: the model")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--per-class", type=int, default=500, help="train (+val) images per class")
+    p.add_argument("--test-per-class", type=int, default=200)
+    p.add_argument("--calibration-batches", type=int, default=1)
+    p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--budget", type=float, default=0.5, help="top-1 points")
+    p.add_argument("--random-seeds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.part == "chain":
+        save(args.name or "chain", chain(args))
+    else:
+        save(args.name or "chain_fallback", fallback(args))
+
+
+if __name__ == "__main__":
+    main()
