@@ -121,10 +121,16 @@ def mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
 
 
 def kernel_times(
-    model: onnx.ModelProto | bytes, batch_size: int, threads: int, runs: int = 10, warmup: int = 3
+    model: onnx.ModelProto | bytes,
+    batch_size: int,
+    threads: int,
+    runs: int = 10,
+    warmup: int = 2,
+    budget_s: float = 0.5,
 ) -> dict[str, tuple[float, float]]:
     """Per kernel (node name without onnxruntime's `_token_N`, and op): (calls per run, median ms
-    per run), from onnxruntime's profiler over `runs` runs after `warmup` on random inputs."""
+    per run), from onnxruntime's profiler over up to `runs` runs after `warmup` on random inputs;
+    fewer runs (at least 3) where `runs` would take longer than `budget_s`."""
     import onnxruntime as ort
 
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
@@ -138,7 +144,12 @@ def kernel_times(
         inp = session.get_inputs()[0]
         shape = [batch_size] + [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape[1:]]
         feed = {inp.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
-        for _ in range(warmup + runs):
+        start = time.perf_counter()
+        for _ in range(warmup):
+            start = time.perf_counter()
+            session.run(None, feed)
+        runs = max(3, min(runs, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+        for _ in range(runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[
