@@ -2,8 +2,9 @@
 
 A quantized layer is a Conv, Gemm or MatMul whose weight comes through a DequantizeLinear. Putting
 it back in float rewires only that node: each input that arrives through DequantizeLinear is
-replaced by the float tensor behind it (the QuantizeLinear's input for an activation, the float
-weight for a parameter), and what no longer feeds anything is pruned. The rest of the graph keeps
+replaced by the float tensor behind it (the QuantizeLinear's input for an activation, clipped to
+the quantizer's range in models from onnxruntime's quantizer, which folds Relu and Clip into it;
+the float weight for a parameter), and what no longer feeds anything is pruned. The rest of the graph keeps
 its Q/DQ nodes, so the edited model is exactly what deploys: onnxruntime runs the layer with its
 float kernel, and TensorRT builds it in FP16 or FP32 (whichever the engine allows) since no Q/DQ
 pins it to INT8. Both onnxruntime's quantizer and Brevitas write this form.
@@ -20,6 +21,7 @@ from onnx import numpy_helper
 
 from compress.quant.ort_int8 import node_module
 
+ORT_QUANTIZER = "onnx.quantize"  # the producer_name onnxruntime's quantizer writes
 LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # Nodes between a QuantizeLinear and its DequantizeLinear that only restrict the integer range.
 _PASS_THROUGH = ("Clip", "Cast")
@@ -108,8 +110,10 @@ def _saturated(
     """The float input of `q` clipped to the range `q` can represent, without its rounding.
 
     onnxruntime's quantizer drops a Relu or Clip whose range the QuantizeLinear's saturation
-    already gives (a uint8 zero point of 0 is a Relu), so the tensor before a QuantizeLinear may
-    lack an activation; the Clip puts it back. Per-channel activations are taken as they are."""
+    already gives (a uint8 zero point of 0 is a Relu), so the tensor before its QuantizeLinear
+    may lack an activation; the Clip puts it back. Its MinMax calibration makes that range the one
+    observed, so the clip costs the float layer little else. Per-channel activations are taken as
+    they are."""
     source = q.input[0]
     if source in done:
         return done[source]
@@ -172,6 +176,9 @@ def with_float_layers(
         raise KeyError(f"no node named {', '.join(missing)}")
     added: dict[str, onnx.TensorProto] = {}
     clipped: dict[str, str] = {}
+    # onnxruntime's quantizer folds Relu/Clip into QuantizeLinear; exporters that keep every
+    # activation explicit (Brevitas, torch) need the tensor as it is.
+    saturate = model.producer_name == ORT_QUANTIZER
     for node in list(graph.node):
         if node.name not in wanted:
             continue
@@ -181,7 +188,7 @@ def with_float_layers(
                 continue
             q = _quantizer(dq, producers)
             if q is not None:
-                node.input[i] = _saturated(q, graph, inits, clipped)
+                node.input[i] = _saturated(q, graph, inits, clipped) if saturate else q.input[0]
                 continue
             if dq.input[0] not in inits:
                 continue  # integers computed at run time: leave the node's input as it is

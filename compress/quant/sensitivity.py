@@ -228,6 +228,7 @@ class Sensitivity:
     latency_vs_int8: float | None = None
     seconds: float = 0.0
     note: str = ""
+    own_float_top1: float | None = None  # QAT: the trained weights in float
 
     @property
     def int8_drop(self) -> float:
@@ -248,6 +249,10 @@ class Sensitivity:
             "images": self.images,
             "budget_top1_drop": self.budget,
             "float_top1": self.float_top1,
+            "kl_reference": "the model's own weights in float (trained after quantization)"
+            if self.own_float_top1 is not None
+            else "the float model",
+            "own_float_top1": self.own_float_top1,
             "int8_top1": self.int8.top1,
             "int8_top1_drop": self.int8_drop,
             "int8_kl": self.int8.kl,
@@ -390,12 +395,20 @@ def fit_budget(
     every = len(order)
     if k >= every and every:
         analysis.final = scores[every]
+        advice = "raise max_accuracy_drop, calibrate on more batches, or use qat_int8"
+        if analysis.own_float_top1 is not None:
+            advice = (
+                "the trained weights score "
+                f"{analysis.float_top1 - analysis.own_float_top1:.2f} points below the float "
+                "model even without rounding, so QAT's training lost it: train longer or at a "
+                "lower lr, or raise max_accuracy_drop"
+            )
         raise BudgetUnreachable(
             f"max_accuracy_drop {budget}: the validation top-1 drop is "
             f"{analysis.int8_drop:.2f} points with every layer INT8 and "
             f"{analysis.final_drop:.2f} with all {every} quantized layers in float, so "
             + ("no" if k > every else "only that")
-            + " mix meets it; raise max_accuracy_drop, calibrate on more batches, or use qat_int8"
+            + f" mix meets it; {advice}"
         )
     if k > every:  # no quantized layer at all
         raise BudgetUnreachable(
@@ -419,19 +432,30 @@ def run_sensitivity(
     float_weights: dict[str, np.ndarray] | None = None,
     folder: Path | None = None,
     note: str = "",
+    trained: bool = False,
 ) -> tuple[Sensitivity, onnx.ModelProto]:
     """Analyse `qdq` against its FP32 model `reference` on up to `images` of `data`'s val split,
     and with a `budget`, fit it (the model returned). sensitivity.json and sensitivity.png go to
-    `folder`, also when the budget cannot be met (BudgetUnreachable)."""
+    `folder`, also when the budget cannot be met (BudgetUnreachable).
+
+    The budget is always against `reference`'s top-1. `trained`: the Q/DQ model's weights were
+    trained after quantization (QAT), so they differ from `reference`'s; the output error that
+    ranks the layers is then measured against the Q/DQ model's own weights in float."""
     from compress.quant.ort_int8 import paired_latency_ratio
 
     x, labels = validation_arrays(data, images)
-    val = ValidationSet(x, labels, onnx_logits(reference, x))
-    float_top1 = top1_percent(val.reference, labels)
+    float_logits = onnx_logits(reference, x)
+    float_top1 = top1_percent(float_logits, labels)
+    own_float = None
+    if trained:
+        every = [layer.node for layer in quantized_layers(qdq)]
+        float_logits = onnx_logits(with_float_layers(qdq, every, float_weights), x)
+        own_float = top1_percent(float_logits, labels)
+    val = ValidationSet(x, labels, float_logits)
     analysis = analyse(
         qdq, val, float_top1, ranking, float_weights=float_weights, reference=reference
     )
-    analysis.note = note
+    analysis.note, analysis.own_float_top1 = note, own_float
     chosen = qdq
     try:
         if budget is not None:

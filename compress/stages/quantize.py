@@ -282,6 +282,7 @@ def _fit_accuracy_budget(
             weights,
             ctx.stage_dir,
             note if cfg.int8_target == "tensorrt" else "",
+            trained=cfg.method == "qat_int8",
         )
     except BudgetUnreachable as e:
         raise StageFailed(
