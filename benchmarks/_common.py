@@ -52,6 +52,21 @@ def record_paired(result: dict, key: str, paired: PairedResult, what: str | None
     return paired.median_ratio
 
 
+CIFAR_PRETRAINED = {
+    "cifar_resnet20": "resnet20-12fca82f.th",
+    "cifar_resnet56": "resnet56-4bfd9763.th",
+}
+
+
+def student_for(arch: str) -> dict:
+    """A recipe `student` for `arch`: the CIFAR ResNets with their pretrained weights."""
+    student: dict = {"model": arch}
+    if arch in CIFAR_PRETRAINED:
+        weights = SHARED / "weights" / "cifar_resnet" / CIFAR_PRETRAINED[arch]
+        student["weights"] = str(require(weights))
+    return student
+
+
 def train_then_ptq_recipe(
     prefix: str, student: dict, args: argparse.Namespace, placement: str = "measured"
 ) -> dict:

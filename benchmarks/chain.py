@@ -6,7 +6,8 @@ longer schedules, and reports its goals against the adapted teacher on the test 
 student's ONNX file against the FP32 teacher's, the paired onnxruntime CPU speed-up at batch 1
 and 32 (the bench stage's `speedup_vs_teacher`), and the top-1 gap.
 
-`--part fallback` trains one architecture briefly (a depthwise network by default), quantizes it
+`--part fallback` trains one architecture briefly (a depthwise network by default; the CIFAR
+ResNets start from their pretrained weights), quantizes it
 with `ptq_int8` on few calibration batches (every supported op INT8), and then chooses the float
 layers that bring its validation top-1 within `--budget` three ways, each the smallest number of
 layers that meets the budget on the same validation images:
@@ -39,6 +40,7 @@ from benchmarks._common import (
     require,
     run_recipe,
     save,
+    student_for,
     train_then_ptq_recipe,
 )
 
@@ -128,7 +130,7 @@ def fallback(args: argparse.Namespace) -> dict:
         validation_arrays,
     )
 
-    recipe = as_recipe(train_then_ptq_recipe("fallback", {"model": args.arch}, args, "all"))
+    recipe = as_recipe(train_then_ptq_recipe("fallback", student_for(args.arch), args, "all"))
     out = Path(args.out or tempfile.mkdtemp(prefix="compress-fallback-"))
     run, wall = run_recipe(recipe, out)
     quantize = run.stage(type="quantize")

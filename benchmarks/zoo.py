@@ -32,11 +32,10 @@ import onnx
 import torch
 
 from benchmarks._common import (
-    SHARED,
     record_paired,
-    require,
     run_recipe,
     save,
+    student_for,
     train_then_ptq_recipe,
 )
 from compress.api import as_recipe
@@ -72,17 +71,10 @@ ARCHITECTURES = [
     "timm:mobilevit_xxs",
     "timm:efficientvit_b0",
 ]
-PRETRAINED = {
-    "cifar_resnet20": "resnet20-12fca82f.th",
-    "cifar_resnet56": "resnet56-4bfd9763.th",
-}
 
 
 def recipe_for(arch: str, args: argparse.Namespace) -> dict:
-    student: dict = {"model": arch}
-    if arch in PRETRAINED:
-        student["weights"] = str(require(SHARED / "weights" / "cifar_resnet" / PRETRAINED[arch]))
-    return train_then_ptq_recipe("zoo", student, args, placement="measured")
+    return train_then_ptq_recipe("zoo", student_for(arch), args, placement="measured")
 
 
 def ort_quantize_static(float_onnx: Path, out: Path, batches: list) -> Path:
