@@ -120,7 +120,7 @@ def fallback(args: argparse.Namespace) -> dict:
     from compress.data import ImageFolderData
     from compress.deploy.onnxruntime_backend import interleaved_latency
     from compress.deploy.timing import BenchSettings, paired_result
-    from compress.quant.qdq_layers import float_initializers, with_float_layers
+    from compress.quant.qdq_layers import float_reference, with_float_layers
     from compress.quant.sensitivity import (
         ValidationSet,
         onnx_logits,
@@ -136,18 +136,18 @@ def fallback(args: argparse.Namespace) -> dict:
     quantize = run.stage(type="quantize")
     qdq = onnx.load_from_string(quantize.load_model()[0].onnx_bytes())
     reference = onnx.load(str(quantize.file("float.onnx")))
-    weights = float_initializers(reference)
+    fp32 = float_reference(qdq, reference)
     data = ImageFolderData(recipe.data, recipe.seed)
     t0 = time.perf_counter()
     analysis, chosen = run_sensitivity(
-        qdq, reference, data, args.val_images, "speed", args.budget, weights, out / "sensitivity"
+        qdq, reference, data, args.val_images, "speed", args.budget, fp32, out / "sensitivity"
     )
     seconds = time.perf_counter() - t0
     x, y = validation_arrays(data, args.val_images)
     val = ValidationSet(x, y, onnx_logits(reference, x))
 
     def drop_of(nodes: list[str]) -> float:
-        model = with_float_layers(qdq, nodes, weights) if nodes else qdq
+        model = with_float_layers(qdq, nodes, fp32) if nodes else qdq
         return analysis.float_top1 - val.score(model).top1
 
     nodes = [r.layer.node for r in analysis.layers]  # graph order
@@ -171,7 +171,7 @@ def fallback(args: argparse.Namespace) -> dict:
     models = {"fp32": reference, "int8": qdq}
     for name, choice in choices.items():
         if choice["float_layers_needed"] is not None:
-            models[name] = with_float_layers(qdq, choice["layers"], weights)
+            models[name] = with_float_layers(qdq, choice["layers"], fp32)
     fp32_test = top1_percent(onnx_logits(reference, tx), ty)
     result: dict = {
         "benchmark": "chain_fallback",

@@ -144,7 +144,7 @@ def sensitivity(
     from compress.models import create_model
     from compress.quant.ort_int8 import OnnxInt8Model, quantize_onnx_int8
     from compress.quant.ort_int8 import calibration_batches as first_batches
-    from compress.quant.qdq_layers import float_initializers
+    from compress.quant.qdq_layers import float_reference
     from compress.quant.sensitivity import BudgetUnreachable, run_sensitivity
 
     if target not in ("onnxruntime", "tensorrt"):
@@ -173,16 +173,17 @@ def sensitivity(
         )
         reference = onnx.load(str(reference_path))
         if isinstance(model, OnnxInt8Model):
-            qdq, float_weights = onnx.load_from_string(model.onnx_bytes()), None
+            qdq, fp32 = onnx.load_from_string(model.onnx_bytes()), None
         else:
             batches = first_batches(loaded.loader("train"), calibration_batches)
             qdq_path = Path(tmp) / "int8.onnx"
             quantize_onnx_int8(reference_path, qdq_path, batches, target, "all")
-            qdq, float_weights = onnx.load(str(qdq_path)), float_initializers(reference)
+            qdq = onnx.load(str(qdq_path))
+            fp32 = float_reference(qdq, reference)
         note = "tensorrt target: float layers build in FP16 or FP32" if target == "tensorrt" else ""
         try:
             analysis, chosen = run_sensitivity(
-                qdq, reference, loaded, images, ranking, max_drop, float_weights, out, note
+                qdq, reference, loaded, images, ranking, max_drop, fp32, out, note
             )
         except BudgetUnreachable as e:
             raise StageFailed(

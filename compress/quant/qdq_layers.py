@@ -1,7 +1,9 @@
 """The quantized layers of a Q/DQ ONNX model, and the same model with some of them back in float.
 
-A quantized layer is a Conv, Gemm or MatMul whose weight comes through a DequantizeLinear. Putting
-it back in float rewires only that node: each input that arrives through DequantizeLinear is
+A quantized layer is a Conv, Gemm or MatMul whose weight comes through a DequantizeLinear; the
+arithmetic ops between layers that read dequantized activations (residual adds, squeeze-excite
+multiplies, sigmoids, pooling) can go back to float the same way. Putting one back in float
+rewires only that node: each input that arrives through DequantizeLinear is
 replaced by the float tensor behind it (the QuantizeLinear's input for an activation, clipped to
 the quantizer's range in models from onnxruntime's quantizer, which folds Relu and Clip into it;
 the float weight for a parameter), and what no longer feeds anything is pruned. The rest of the graph keeps
@@ -13,7 +15,7 @@ pins it to INT8. Both onnxruntime's quantizer and Brevitas write this form.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -23,6 +25,21 @@ from compress.quant.ort_int8 import node_module
 
 ORT_QUANTIZER = "onnx.quantize"  # the producer_name onnxruntime's quantizer writes
 LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Ops that compute on a dequantized activation (pass-through ops such as MaxPool or Reshape
+# only move integers, so putting them in float changes nothing).
+ACTIVATION_OPS = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Softmax",
+    "GlobalAveragePool",
+    "AveragePool",
+    "ReduceMean",
+)
 # Nodes between a QuantizeLinear and its DequantizeLinear that only restrict the integer range.
 _PASS_THROUGH = ("Clip", "Cast")
 
@@ -47,7 +64,10 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def quantized_layers(
     model: onnx.ModelProto, reference: onnx.ModelProto | None = None
 ) -> list[QuantLayer]:
-    """Every conv/linear node whose weight is dequantized from integers, in graph order.
+    """What can go back to float, in graph order: every conv/linear node whose weight is
+    dequantized from integers, and every arithmetic op (`ACTIVATION_OPS`: residual adds, the
+    multiplies and sigmoids of squeeze-excite and swish, pooling) that reads a dequantized
+    activation. The latter have `weights == 0`.
 
     Module names come from the node names, or from `reference` (the FP32 export of the same
     model) where every one of its conv/linear nodes is quantized: the i-th layer is then its i-th
@@ -55,28 +75,33 @@ def quantized_layers(
     graph = model.graph
     producers = _producers(graph)
     inits = {i.name: i for i in graph.initializer}
-    layers = []
+    units = []
     for node in graph.node:
-        if node.op_type not in LAYER_OPS or len(node.input) < 2:
-            continue
-        dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        source = _float_source(dq, producers)
-        init = inits.get(source) or inits.get(dq.input[0])
-        weights = int(np.prod(init.dims)) if init is not None else 0
-        layers.append(QuantLayer(node.name, node_module(node), node.op_type, weights))
-    if reference is not None:
-        originals = [n for n in reference.graph.node if n.op_type in LAYER_OPS]
-        same = [n.op_type for n in originals] == [layer.op_type for layer in layers]
-        if same and any(
-            node_module(n) != layer.module for n, layer in zip(originals, layers, strict=True)
+        if node.op_type in LAYER_OPS and len(node.input) >= 2:
+            dq = producers.get(node.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            source = _float_source(dq, producers)
+            init = inits.get(source) or inits.get(dq.input[0])
+            weights = int(np.prod(init.dims)) if init is not None else 0
+            units.append(QuantLayer(node.name, node_module(node), node.op_type, weights))
+        elif node.op_type in ACTIVATION_OPS and any(
+            _quantizer(producers[i], producers) is not None
+            for i in node.input
+            if i in producers and producers[i].op_type == "DequantizeLinear"
         ):
-            layers = [
-                QuantLayer(layer.node, node_module(n), layer.op_type, layer.weights)
-                for n, layer in zip(originals, layers, strict=True)
-            ]
-    return layers
+            units.append(QuantLayer(node.name, node_module(node), node.op_type, 0))
+    if reference is not None:
+        layers = [u for u in units if u.op_type in LAYER_OPS]
+        originals = [n for n in reference.graph.node if n.op_type in LAYER_OPS]
+        same = [n.op_type for n in originals] == [u.op_type for u in layers]
+        if same and any(node_module(n) != u.module for n, u in zip(originals, layers, strict=True)):
+            renamed = {
+                u.node: QuantLayer(u.node, node_module(n), u.op_type, u.weights)
+                for n, u in zip(originals, layers, strict=True)
+            }
+            units = [renamed.get(u.node, u) for u in units]
+    return units
 
 
 def _quantizer(dq: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
@@ -107,13 +132,13 @@ def _saturated(
     inits: dict[str, onnx.TensorProto],
     done: dict[str, str],
 ) -> str:
-    """The float input of `q` clipped to the range `q` can represent, without its rounding.
+    """The float input of `q` clipped to the range `q` can represent, without its rounding: for
+    a model from onnxruntime's quantizer when its FP32 model is not at hand.
 
-    onnxruntime's quantizer drops a Relu or Clip whose range the QuantizeLinear's saturation
-    already gives (a uint8 zero point of 0 is a Relu), so the tensor before its QuantizeLinear
-    may lack an activation; the Clip puts it back. Its MinMax calibration makes that range the one
-    observed, so the clip costs the float layer little else. Per-channel activations are taken as
-    they are."""
+    That quantizer drops a Relu or Clip whose range the QuantizeLinear's saturation already gives
+    (a uint8 zero point of 0 is a Relu), so the tensor before its QuantizeLinear may lack an
+    activation; the Clip puts it back, along with the calibrated range's clipping. Per-channel
+    activations are taken as they are."""
     source = q.input[0]
     if source in done:
         return done[source]
@@ -124,15 +149,28 @@ def _saturated(
     s = float(numpy_helper.to_array(scale).reshape(-1)[0])
     zp = 0.0 if zero is None else float(numpy_helper.to_array(zero).reshape(-1)[0])
     qmin, qmax = _INT_RANGE.get(zero.data_type if zero is not None else onnx.TensorProto.UINT8)
-    out = f"{source}_saturated"
-    lo, hi = f"{out}_min", f"{out}_max"
+    return _bounded(source, (qmin - zp) * s, (qmax - zp) * s, q, graph, done)
+
+
+def _bounded(
+    source: str,
+    lo: float,
+    hi: float,
+    q: onnx.NodeProto,
+    graph: onnx.GraphProto,
+    done: dict[str, str],
+) -> str:
+    """`source` clipped to [lo, hi] by a Clip node placed right after `q` (shared by every float
+    reader of `source`)."""
+    if source in done:
+        return done[source]
+    out = f"{source}_float_range"
+    names = (f"{out}_min", f"{out}_max")
     graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array((qmin - zp) * s, dtype=np.float32), lo),
-            numpy_helper.from_array(np.array((qmax - zp) * s, dtype=np.float32), hi),
-        ]
+        numpy_helper.from_array(np.array(v, dtype=np.float32), name)
+        for v, name in zip((lo, hi), names, strict=True)
     )
-    clip = onnx.helper.make_node("Clip", [source, lo, hi], [out], name=out)
+    clip = onnx.helper.make_node("Clip", [source, *names], [out], name=out)
     graph.node.insert(list(graph.node).index(q) + 1, clip)  # its input exists from here on
     done[source] = out
     return out
@@ -156,15 +194,16 @@ def _dequantized(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.n
 
 
 def with_float_layers(
-    model: onnx.ModelProto,
-    nodes: list[str] | set[str],
-    float_weights: dict[str, np.ndarray] | None = None,
+    model: onnx.ModelProto, nodes: list[str] | set[str], fp32: FloatReference | None = None
 ) -> onnx.ModelProto:
-    """A copy of the Q/DQ `model` in which the named layer nodes run in float.
+    """A copy of the Q/DQ `model` in which the named nodes run in float.
 
-    `float_weights` (initializer name -> array, e.g. the FP32 model the Q/DQ one was quantized
-    from) supplies a layer's original float weights where the quantizer kept the name (it writes
-    `W_quantized` for `W`); otherwise a weight is the dequantized integers."""
+    An activation input becomes the tensor before its QuantizeLinear, with the Relu or Clip that
+    `fp32` says onnxruntime's quantizer folded into it. Without `fp32`, a model from onnxruntime's
+    quantizer gets the QuantizeLinear's own range instead (`_saturated`), and any other model the
+    tensor as it is (Brevitas and torch keep every activation explicit). A weight is the FP32
+    weight `fp32` holds under the quantizer's name (`W` for `W_quantized`), else the dequantized
+    integers."""
     wanted = set(nodes)
     out = copy.deepcopy(model)
     graph = out.graph
@@ -178,7 +217,7 @@ def with_float_layers(
     clipped: dict[str, str] = {}
     # onnxruntime's quantizer folds Relu/Clip into QuantizeLinear; exporters that keep every
     # activation explicit (Brevitas, torch) need the tensor as it is.
-    saturate = model.producer_name == ORT_QUANTIZER
+    saturate = fp32 is None and model.producer_name == ORT_QUANTIZER
     for node in list(graph.node):
         if node.name not in wanted:
             continue
@@ -188,12 +227,18 @@ def with_float_layers(
                 continue
             q = _quantizer(dq, producers)
             if q is not None:
-                node.input[i] = _saturated(q, graph, inits, clipped) if saturate else q.input[0]
+                source = q.input[0]
+                if fp32 is not None and source in fp32.activations:
+                    node.input[i] = _bounded(source, *fp32.activations[source], q, graph, clipped)
+                elif saturate:
+                    node.input[i] = _saturated(q, graph, inits, clipped)
+                else:
+                    node.input[i] = source
                 continue
             if dq.input[0] not in inits:
                 continue  # integers computed at run time: leave the node's input as it is
             stem = dq.input[0].removesuffix("_quantized")
-            values = (float_weights or {}).get(stem)
+            values = fp32.weights.get(stem) if fp32 is not None else None
             expected = tuple(inits[dq.input[0]].dims)
             if values is None or tuple(values.shape) != expected:
                 values = _dequantized(dq, inits)
@@ -202,8 +247,27 @@ def with_float_layers(
                 added[float_name] = numpy_helper.from_array(values.astype(np.float32), float_name)
             node.input[i] = float_name
     graph.initializer.extend(added.values())
+    _float_outputs(graph, wanted)
     _prune(graph)
     return out
+
+
+def _float_outputs(graph: onnx.GraphProto, nodes: set[str]) -> None:
+    """Where a named node's output is quantized only to become a graph output (the logits), the
+    graph output takes the float value: its DequantizeLinear becomes an Identity."""
+    outputs = {o.name for o in graph.output}
+    producers = _producers(graph)
+    for i, node in enumerate(graph.node):
+        if node.op_type != "DequantizeLinear" or node.output[0] not in outputs:
+            continue
+        q = _quantizer(node, producers)
+        source = producers.get(q.input[0]) if q is not None else None
+        if source is not None and source.name in nodes:
+            identity = onnx.helper.make_node(
+                "Identity", [q.input[0]], [node.output[0]], name=node.name
+            )
+            graph.node.remove(node)
+            graph.node.insert(i, identity)
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -221,10 +285,58 @@ def _prune(graph: onnx.GraphProto) -> None:
         graph.initializer.remove(init)
 
 
-def float_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The float initializers of a (float) model by name."""
-    return {
-        i.name: numpy_helper.to_array(i)
-        for i in model.graph.initializer
-        if i.data_type == onnx.TensorProto.FLOAT
+@dataclass
+class FloatReference:
+    """What the FP32 model the Q/DQ one was quantized from says about a layer in float: its
+    weights by initializer name, and the Relu/Clip (lower, upper bound) that onnxruntime's
+    quantizer folded into the QuantizeLinear after each tensor."""
+
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    activations: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def float_reference(
+    qdq: onnx.ModelProto, reference: onnx.ModelProto, weights: bool = True
+) -> FloatReference:
+    """The FloatReference of `qdq` from its FP32 model `reference`. onnxruntime's quantizer keeps
+    the names: a weight `W` becomes `W_quantized`, and a folded Relu leaves its output name on the
+    tensor before it. `weights=False` where the names may not match (Brevitas after QAT)."""
+    inits = {i.name: i for i in reference.graph.initializer}
+    constants = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in reference.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
     }
+
+    def scalar(name: str, default: float) -> float:
+        if not name:
+            return default
+        if name in inits:
+            return float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+        return float(constants[name].reshape(-1)[0]) if name in constants else default
+
+    bounds: dict[str, tuple[float, float]] = {}
+    for n in reference.graph.node:
+        if n.op_type == "Relu":
+            bounds[n.output[0]] = (0.0, float("inf"))
+        elif n.op_type == "Clip":
+            attrs = {a.name: a.f for a in n.attribute}  # opset < 11 keeps them as attributes
+            lo = scalar(n.input[1] if len(n.input) > 1 else "", attrs.get("min", -np.inf))
+            hi = scalar(n.input[2] if len(n.input) > 2 else "", attrs.get("max", np.inf))
+            bounds[n.output[0]] = (lo, hi)
+    producers = _producers(qdq.graph)
+    folded = {
+        t: b
+        for t, b in bounds.items()
+        if t in producers and producers[t].op_type not in ("Relu", "Clip")
+    }
+    kept = (
+        {
+            i.name: numpy_helper.to_array(i)
+            for i in reference.graph.initializer
+            if i.data_type == onnx.TensorProto.FLOAT
+        }
+        if weights
+        else {}
+    )
+    return FloatReference(kept, folded)

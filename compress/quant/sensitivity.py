@@ -2,7 +2,8 @@
 accuracy budget while giving up the least speed.
 
 How it is computed (all on the deployable Q/DQ graph in onnxruntime, on validation images):
-1. One at a time: each quantized layer is put back in float in the all-INT8 model
+1. One at a time: each quantized layer (and each arithmetic op on dequantized activations, such
+   as a residual add or a squeeze-excite multiply) is put back in float in the all-INT8 model
    (`compress.quant.qdq_layers.with_float_layers`) and the model is scored. What the layer costs
    as INT8 is the top-1 it recovers (points) and the reduction of the output's KL divergence from
    the FP32 model's. The KL is continuous where the top-1 of a few hundred images moves in whole
@@ -39,7 +40,12 @@ import onnx
 from tqdm import tqdm
 
 from compress.deploy.timing import default_threads
-from compress.quant.qdq_layers import QuantLayer, quantized_layers, with_float_layers
+from compress.quant.qdq_layers import (
+    FloatReference,
+    QuantLayer,
+    quantized_layers,
+    with_float_layers,
+)
 
 Ranking = Literal["speed", "accuracy"]
 SENSITIVITY_JSON = "sensitivity.json"
@@ -282,7 +288,7 @@ def analyse(
     float_top1: float,
     ranking: Ranking = "speed",
     batch_sizes: Sequence[int] = (1, 32),
-    float_weights: dict[str, np.ndarray] | None = None,
+    fp32: FloatReference | None = None,
     threads: int | None = None,
     reference: onnx.ModelProto | None = None,
 ) -> Sensitivity:
@@ -298,7 +304,7 @@ def analyse(
     total = {b: sum(t for _, t in times.values()) for b, times in base_times.items()}
     records = []
     for layer in tqdm(layers, desc="layer sensitivity", unit="layer", leave=False, disable=None):
-        edited = with_float_layers(qdq, [layer.node], float_weights)
+        edited = with_float_layers(qdq, [layer.node], fp32)
         scores = val.score(edited, threads)
         record = LayerRecord(
             layer,
@@ -370,7 +376,7 @@ def fit_budget(
     analysis: Sensitivity,
     val: ValidationSet,
     budget: float,
-    float_weights: dict[str, np.ndarray] | None = None,
+    fp32: FloatReference | None = None,
     threads: int | None = None,
 ) -> onnx.ModelProto:
     """The Q/DQ model with the fewest, cheapest float layers whose validation top-1 is within
@@ -383,7 +389,7 @@ def fit_budget(
     order = analysis.order()
 
     def drop_of(nodes: list[str]) -> float:
-        model = with_float_layers(qdq, nodes, float_weights) if nodes else qdq
+        model = with_float_layers(qdq, nodes, fp32) if nodes else qdq
         s = val.score(model, threads) if nodes else analysis.int8
         models[len(nodes)], scores[len(nodes)] = model, s
         analysis.evaluations.append(
@@ -406,7 +412,7 @@ def fit_budget(
         raise BudgetUnreachable(
             f"max_accuracy_drop {budget}: the validation top-1 drop is "
             f"{analysis.int8_drop:.2f} points with every layer INT8 and "
-            f"{analysis.final_drop:.2f} with all {every} quantized layers in float, so "
+            f"{analysis.final_drop:.2f} with all {every} quantized layers and ops in float, so "
             + ("no" if k > every else "only that")
             + f" mix meets it; {advice}"
         )
@@ -429,7 +435,7 @@ def run_sensitivity(
     images: int,
     ranking: Ranking = "speed",
     budget: float | None = None,
-    float_weights: dict[str, np.ndarray] | None = None,
+    fp32: FloatReference | None = None,
     folder: Path | None = None,
     note: str = "",
     trained: bool = False,
@@ -449,17 +455,15 @@ def run_sensitivity(
     own_float = None
     if trained:
         every = [layer.node for layer in quantized_layers(qdq)]
-        float_logits = onnx_logits(with_float_layers(qdq, every, float_weights), x)
+        float_logits = onnx_logits(with_float_layers(qdq, every, fp32), x)
         own_float = top1_percent(float_logits, labels)
     val = ValidationSet(x, labels, float_logits)
-    analysis = analyse(
-        qdq, val, float_top1, ranking, float_weights=float_weights, reference=reference
-    )
+    analysis = analyse(qdq, val, float_top1, ranking, fp32=fp32, reference=reference)
     analysis.note, analysis.own_float_top1 = note, own_float
     chosen = qdq
     try:
         if budget is not None:
-            chosen = fit_budget(qdq, analysis, val, budget, float_weights)
+            chosen = fit_budget(qdq, analysis, val, budget, fp32)
             if analysis.chosen and ranking == "speed":
                 with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
                     base, mixed = Path(tmp) / "int8.onnx", Path(tmp) / "mixed.onnx"
@@ -527,7 +531,7 @@ def report_lines(doc: dict[str, Any], plot: str | None = None, others: int = 10)
     lines = []
     if doc.get("budget_top1_drop") is not None:
         lines.append(
-            f"{len(kept)} of {len(layers)} quantized layers kept in float for max_accuracy_drop "
+            f"{len(kept)} of {len(layers)} quantized layers and ops kept in float for max_accuracy_drop "
             f"{doc['budget_top1_drop']}: validation top-1 drop {num(doc.get('int8_top1_drop'))} "
             f"points with every layer INT8, {num(doc.get('final_top1_drop'))} with these in float "
             f"({doc.get('images')} validation images; float model {num(doc.get('float_top1'))}%)."

@@ -51,7 +51,7 @@ from compress.quant.ort_int8 import (
     quantize_onnx_int8,
 )
 from compress.quant.points import PointQuantizer, assign_points, gradient_norms
-from compress.quant.qdq_layers import float_initializers
+from compress.quant.qdq_layers import float_reference
 from compress.quant.sensitivity import (
     SENSITIVITY_JSON,
     SENSITIVITY_PNG,
@@ -264,9 +264,10 @@ def _fit_accuracy_budget(
             path = export_int8_onnx(model, Path(tmp) / "int8.onnx", ctx.data.input_size)
             qdq = onnx.load(str(path))
     reference = onnx.load(str(float_onnx))
-    # onnxruntime's quantizer keeps the FP32 weights' names, so a float layer gets them back;
-    # Brevitas' (QAT-trained) weights are the dequantized integers.
-    weights = float_initializers(reference) if isinstance(model, OnnxInt8Model) else None
+    # onnxruntime's quantizer keeps the FP32 model's names, so a float layer gets its weights and
+    # folded activations back; Brevitas keeps activations explicit, and its (QAT-trained) weights
+    # are the dequantized integers.
+    fp32 = float_reference(qdq, reference) if isinstance(model, OnnxInt8Model) else None
     ranking = cfg.sensitivity_ranking or (
         "speed" if cfg.int8_target == "onnxruntime" else "accuracy"
     )
@@ -279,7 +280,7 @@ def _fit_accuracy_budget(
             cfg.sensitivity_images,
             ranking,
             cfg.max_accuracy_drop,
-            weights,
+            fp32,
             ctx.stage_dir,
             note if cfg.int8_target == "tensorrt" else "",
             trained=cfg.method == "qat_int8",
@@ -294,7 +295,7 @@ def _fit_accuracy_budget(
         "sensitivity_plot": ctx.stage_dir / SENSITIVITY_PNG,
     }
     logger.info(
-        f"stages[{ctx.index}]: {len(analysis.chosen)} of {len(analysis.layers)} quantized layers "
+        f"stages[{ctx.index}]: {len(analysis.chosen)} of {len(analysis.layers)} quantized layers and ops "
         f"in float for max_accuracy_drop {cfg.max_accuracy_drop}: validation top-1 drop "
         f"{analysis.int8_drop:.2f} -> {analysis.final_drop:.2f} points"
     )
