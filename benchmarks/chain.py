@@ -120,7 +120,7 @@ def fallback(args: argparse.Namespace) -> dict:
     from compress.data import ImageFolderData
     from compress.deploy.onnxruntime_backend import interleaved_latency
     from compress.deploy.timing import BenchSettings, paired_result
-    from compress.quant.qdq_layers import float_reference, with_float_layers
+    from compress.quant.qdq_layers import float_reference, with_float_layers, with_node_names
     from compress.quant.sensitivity import (
         ValidationSet,
         onnx_logits,
@@ -134,7 +134,7 @@ def fallback(args: argparse.Namespace) -> dict:
     out = Path(args.out or tempfile.mkdtemp(prefix="compress-fallback-"))
     run, wall = run_recipe(recipe, out)
     quantize = run.stage(type="quantize")
-    qdq = onnx.load_from_string(quantize.load_model()[0].onnx_bytes())
+    qdq = with_node_names(onnx.load_from_string(quantize.load_model()[0].onnx_bytes()))
     reference = onnx.load(str(quantize.file("float.onnx")))
     fp32 = float_reference(qdq, reference)
     data = ImageFolderData(recipe.data, recipe.seed)

@@ -57,6 +57,21 @@ class QuantLayer:
         return asdict(self)
 
 
+def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`, or a copy in which every node has a name of its own (`{op}_{index}` for a node
+    that had none or shared one): layers are chosen by node name."""
+    names = [n.name for n in model.graph.node]
+    if all(names) and len(set(names)) == len(names):
+        return model
+    out = copy.deepcopy(model)
+    seen: set[str] = set()
+    for i, node in enumerate(out.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return out
+
+
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: n for n in graph.node for out in n.output}
 
@@ -205,6 +220,8 @@ def with_float_layers(
     weight `fp32` holds under the quantizer's name (`W` for `W_quantized`), else the dequantized
     integers."""
     wanted = set(nodes)
+    if "" in wanted:
+        raise KeyError("a node without a name (name them with with_node_names)")
     out = copy.deepcopy(model)
     graph = out.graph
     producers = _producers(graph)

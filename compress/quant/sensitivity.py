@@ -45,6 +45,7 @@ from compress.quant.qdq_layers import (
     QuantLayer,
     quantized_layers,
     with_float_layers,
+    with_node_names,
 )
 
 Ranking = Literal["speed", "accuracy"]
@@ -449,6 +450,7 @@ def run_sensitivity(
     ranks the layers is then measured against the Q/DQ model's own weights in float."""
     from compress.quant.ort_int8 import paired_latency_ratio
 
+    qdq = with_node_names(qdq)
     x, labels = validation_arrays(data, images)
     float_logits = onnx_logits(reference, x)
     float_top1 = top1_percent(float_logits, labels)

@@ -14,7 +14,12 @@ from compress.deploy.onnx_export import export_onnx
 from compress.errors import InputError
 from compress.models import ModelSpec, build_model, load_model
 from compress.quant.ort_int8 import quantize_onnx_int8
-from compress.quant.qdq_layers import float_reference, quantized_layers, with_float_layers
+from compress.quant.qdq_layers import (
+    float_reference,
+    quantized_layers,
+    with_float_layers,
+    with_node_names,
+)
 from compress.quant.sensitivity import mean_kl, onnx_logits, shortest_prefix
 from tests.conftest import run_cli, write_recipe
 
@@ -88,6 +93,22 @@ def test_one_layer_in_float_gets_its_fp32_weights_and_the_rest_stay_int8(resnet2
     assert np.isfinite(onnx_logits(edited, images)).all()
     with pytest.raises(KeyError, match="no node named"):
         with_float_layers(qdq, ["/not/a/node"])
+
+
+def test_nodes_without_names_are_told_apart(resnet20_int8):
+    _, _, qdq, images = resnet20_int8
+    unnamed = onnx.ModelProto()
+    unnamed.CopyFrom(qdq)
+    for node in unnamed.graph.node:  # as some exporters leave them
+        node.name = ""
+    with pytest.raises(KeyError, match="without a name"):
+        with_float_layers(unnamed, [""])
+    named = with_node_names(unnamed)
+    layers = quantized_layers(named)
+    assert len({layer.node for layer in layers}) == len(layers) == len(quantized_layers(qdq))
+    edited = with_float_layers(named, [layers[0].node])
+    assert len(quantized_layers(edited)) == len(layers) - 1
+    np.testing.assert_array_equal(onnx_logits(named, images), onnx_logits(qdq, images))
 
 
 def test_shortest_prefix_bisects_to_the_first_prefix_within_the_budget():
