@@ -565,10 +565,11 @@ def report_lines(doc: dict[str, Any], plot: str | None = None, others: int = 10)
     lines += ["", *table([*headers, "kept"], rows)] if rows else []
     lines += [
         "",
-        "Each layer alone back in float in the all-INT8 model: the validation top-1 points and "
-        "the KL divergence from the float model's outputs it removes, and what it adds to the "
-        "latency as a share of the all-INT8 model's (onnxruntime's kernel profile). Rank: the "
-        "order in which layers return to float (KL removed per unit of speed cost).",
+        "Each unit (a conv/linear layer, or an op such as an add or a multiply) alone back in "
+        "float in the all-INT8 model: the validation top-1 points and the KL divergence from the "
+        "float model's outputs it removes, and what it adds to the latency as a share of the "
+        "all-INT8 model's (onnxruntime's kernel profile). Rank: the order in which units return "
+        "to float (KL removed per unit of speed cost, or KL alone).",
         "",
     ]
     return lines
