@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 
-from compress.deploy.onnx_export import export_onnx
 from compress.errors import InputError
 from compress.models import ModelSpec, build_model, load_model
 from compress.quant.ort_int8 import quantize_onnx_int8
@@ -23,33 +22,15 @@ from compress.quant.qdq_layers import (
 from compress.quant.sensitivity import mean_kl, onnx_logits, shortest_prefix
 from tests.conftest import run_cli, write_recipe
 
-SIZE = (3, 32, 32)
-
 
 @pytest.fixture(scope="module")
-def resnet20_int8(tmp_path_factory, tiny_image_folder):
+def resnet20_int8(resnet20):
     """cifar_resnet20 (random init, BatchNorm statistics from real images), its FP32 ONNX export,
-    its all-INT8 Q/DQ model and real images."""
-    from compress.config import DataConfig
-    from compress.data import ImageFolderData
-
-    torch.manual_seed(0)
-    data = ImageFolderData(DataConfig(root=tiny_image_folder, augment="none", batch_size=16), 0)
-    batches = [images.numpy() for images, *_ in data.loader("train", train=False)]
-    model = build_model(ModelSpec("cifar_resnet20", {"num_classes": data.num_classes}))
-    with torch.no_grad():
-        model.train()(torch.from_numpy(np.concatenate(batches)))
-    model.eval()
-    folder = tmp_path_factory.mktemp("r20-int8")
-    export_onnx(model, folder / "float.onnx", SIZE, opset=17, dynamo=False)
-    quantize_onnx_int8(folder / "float.onnx", folder / "int8.onnx", batches[:2], placement="all")
-    images = np.concatenate(batches)
-    return (
-        model,
-        onnx.load(str(folder / "float.onnx")),
-        onnx.load(str(folder / "int8.onnx")),
-        images,
-    )
+    its all-INT8 Q/DQ model and the real images it was calibrated on."""
+    model, path, batches = resnet20
+    int8 = path.with_name("int8.onnx")
+    quantize_onnx_int8(path, int8, batches, placement="all")
+    return model, onnx.load(str(path)), onnx.load(str(int8)), np.concatenate(batches)
 
 
 def test_every_layer_back_in_float_rejoins_the_fp32_model(resnet20_int8):
