@@ -122,12 +122,11 @@ def fallback(args: argparse.Namespace) -> dict:
     from compress.deploy.timing import BenchSettings, paired_result
     from compress.quant.qdq_layers import float_reference, with_float_layers, with_node_names
     from compress.quant.sensitivity import (
-        ValidationSet,
         onnx_logits,
         run_sensitivity,
         shortest_prefix,
         top1_percent,
-        validation_arrays,
+        validation_set,
     )
 
     recipe = as_recipe(train_then_ptq_recipe("fallback", student_for(args.arch), args, "all"))
@@ -139,12 +138,12 @@ def fallback(args: argparse.Namespace) -> dict:
     fp32 = float_reference(qdq, reference)
     data = ImageFolderData(recipe.data, recipe.seed)
     t0 = time.perf_counter()
-    analysis, chosen = run_sensitivity(
-        qdq, reference, data, args.val_images, "speed", args.budget, fp32, out / "sensitivity"
+    val = validation_set(reference, data, args.val_images)
+    analysis, _ = run_sensitivity(
+        qdq, reference, val, "speed", args.budget, fp32, out / "sensitivity"
     )
     seconds = time.perf_counter() - t0
-    x, y = validation_arrays(data, args.val_images)
-    val = ValidationSet(x, y, onnx_logits(reference, x))
+    y = val.labels
 
     def drop_of(nodes: list[str]) -> float:
         model = with_float_layers(qdq, nodes, fp32) if nodes else qdq
@@ -194,6 +193,7 @@ def fallback(args: argparse.Namespace) -> dict:
             n: c["val_drop_with_compress_count"] for n, c in choices.items()
         },
         "compress_float_modules": [r.layer.module for r in analysis.layers if r.float],
+        "sensitivity": analysis.to_dict(),  # every unit's drop, KL and speed cost
     }
     random = [c for n, c in result["float_layers_needed"].items() if n.startswith("random")]
     result["random_needed_median"] = (

@@ -145,7 +145,7 @@ def sensitivity(
     from compress.quant.ort_int8 import OnnxInt8Model, quantize_onnx_int8
     from compress.quant.ort_int8 import calibration_batches as first_batches
     from compress.quant.qdq_layers import float_reference
-    from compress.quant.sensitivity import BudgetUnreachable, run_sensitivity
+    from compress.quant.sensitivity import BudgetUnreachable, run_sensitivity, validation_set
 
     if target not in ("onnxruntime", "tensorrt"):
         raise InputError(f"target: expected onnxruntime or tensorrt (got {target!r})")
@@ -183,7 +183,14 @@ def sensitivity(
         note = "tensorrt target: float layers build in FP16 or FP32" if target == "tensorrt" else ""
         try:
             analysis, chosen = run_sensitivity(
-                qdq, reference, loaded, images, ranking, max_drop, fp32, out, note
+                qdq,
+                reference,
+                validation_set(reference, loaded, images),
+                ranking,
+                max_drop,
+                fp32,
+                out,
+                note,
             )
         except BudgetUnreachable as e:
             raise StageFailed(

@@ -429,11 +429,16 @@ def fit_budget(
     return models[k]
 
 
+def validation_set(reference: onnx.ModelProto, data: Any, images: int) -> ValidationSet:
+    """Up to `images` of `data`'s val split with the FP32 model `reference`'s logits on them."""
+    x, labels = validation_arrays(data, images)
+    return ValidationSet(x, labels, onnx_logits(reference, x))
+
+
 def run_sensitivity(
     qdq: onnx.ModelProto,
     reference: onnx.ModelProto,
-    data: Any,
-    images: int,
+    val: ValidationSet,
     ranking: Ranking = "speed",
     budget: float | None = None,
     fp32: FloatReference | None = None,
@@ -441,8 +446,8 @@ def run_sensitivity(
     note: str = "",
     trained: bool = False,
 ) -> tuple[Sensitivity, onnx.ModelProto]:
-    """Analyse `qdq` against its FP32 model `reference` on up to `images` of `data`'s val split,
-    and with a `budget`, fit it (the model returned). sensitivity.json and sensitivity.png go to
+    """Analyse `qdq` against its FP32 model `reference` on `val` (`validation_set`), and with a
+    `budget`, fit it (the model returned). sensitivity.json and sensitivity.png go to
     `folder`, also when the budget cannot be met (BudgetUnreachable).
 
     The budget is always against `reference`'s top-1. `trained`: the Q/DQ model's weights were
@@ -451,15 +456,13 @@ def run_sensitivity(
     from compress.quant.ort_int8 import paired_latency_ratio
 
     qdq = with_node_names(qdq)
-    x, labels = validation_arrays(data, images)
-    float_logits = onnx_logits(reference, x)
-    float_top1 = top1_percent(float_logits, labels)
+    float_top1 = top1_percent(val.reference, val.labels)
     own_float = None
     if trained:
         every = [layer.node for layer in quantized_layers(qdq)]
-        float_logits = onnx_logits(with_float_layers(qdq, every, fp32), x)
-        own_float = top1_percent(float_logits, labels)
-    val = ValidationSet(x, labels, float_logits)
+        own_logits = onnx_logits(with_float_layers(qdq, every, fp32), val.images)
+        own_float = top1_percent(own_logits, val.labels)
+        val = ValidationSet(val.images, val.labels, own_logits)
     analysis = analyse(qdq, val, float_top1, ranking, fp32=fp32, reference=reference)
     analysis.note, analysis.own_float_top1 = note, own_float
     chosen = qdq

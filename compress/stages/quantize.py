@@ -59,6 +59,7 @@ from compress.quant.sensitivity import (
     Ranking,
     report_lines,
     run_sensitivity,
+    validation_set,
 )
 from compress.quant.size import size_report
 from compress.quant.weights import WeightQuantizer, select_layers
@@ -276,8 +277,7 @@ def _fit_accuracy_budget(
         analysis, chosen = run_sensitivity(
             qdq,
             reference,
-            ctx.data,
-            cfg.sensitivity_images,
+            validation_set(reference, ctx.data, cfg.sensitivity_images),
             ranking,
             cfg.max_accuracy_drop,
             fp32,
