@@ -220,10 +220,12 @@ def int8_size(model: nn.Module) -> dict[str, float | int]:
 
 
 def export_int8_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> Path:
-    """Write the Q/DQ (QCDQ) ONNX model of a quantized model, with a dynamic batch axis."""
+    """Write the Q/DQ (QCDQ) ONNX model of a quantized model, with a dynamic batch axis and
+    short tensor names (`compact_tensor_names`)."""
+    import onnx
     from brevitas.export import export_onnx_qcdq
 
-    from compress.deploy.onnx_export import checked_onnx_file
+    from compress.deploy.onnx_export import checked_onnx_file, compact_tensor_names
 
     with checked_onnx_file(path) as onnx_path:
         # The dynamo route rejects quantized (INT32) bias; the TorchScript one exports it.
@@ -244,6 +246,7 @@ def export_int8_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, i
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             ),
         )
+        onnx.save(compact_tensor_names(onnx.load(str(onnx_path))), str(onnx_path))
     return path
 
 

@@ -1,5 +1,6 @@
 """Deployable INT8 (Brevitas): graph form per target, save/reload, Q/DQ ONNX parity on real data."""
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from compress.deploy.onnx_export import compact_tensor_names, export_float_reference
 from compress.errors import InputError
 from compress.io import read_json
 from compress.models import ModelSpec, build_model, create_model, load_model, save_model
@@ -48,6 +50,11 @@ def test_int8_graph_form_per_target(tmp_path, target, activation_types):
         str(_constant(graph, n.input[2]).dtype) for n in graph.node if n.op_type == "QuantizeLinear"
     }
     assert quantize_types == activation_types
+    tensors = {t for n in graph.node for t in (*n.input, *n.output) if t}
+    assert tensors - {"input", "logits"} and all(  # short tensor names, module-scoped nodes
+        re.fullmatch(r"t\d+", t) for t in tensors - {"input", "logits"}
+    )
+    assert any(n.name.startswith("/conv1/") for n in graph.node)
     weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.dims]
     conv_weights = [w for w in weights if len(w.dims) == 4]
     assert len(conv_weights) == 19
@@ -62,6 +69,29 @@ def test_int8_graph_form_per_target(tmp_path, target, activation_types):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x), quantized.eval()(x), rtol=0, atol=0)
+
+
+def test_compact_tensor_names_keep_the_model_and_shrink_the_file(tmp_path):
+    """Scope-named tensors become t0, t1, ...; inputs, outputs, node names and outputs stay."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    path = export_float_reference(
+        build_model(ModelSpec("cifar_resnet20")), tmp_path / "f.onnx", (3, 32, 32)
+    )
+    model = onnx.load(str(path))
+    compact = compact_tensor_names(model)
+    onnx.checker.check_model(compact)
+    assert [n.name for n in compact.graph.node] == [n.name for n in model.graph.node]
+    assert [i.name for i in compact.graph.input] == ["input"]
+    assert [o.name for o in compact.graph.output] == ["logits"]
+    assert len(compact.SerializeToString()) < len(model.SerializeToString()) - 2000
+    x = torch.randn(3, 3, 32, 32).numpy()
+    outputs = [
+        ort.InferenceSession(m.SerializeToString()).run(None, {"input": x})[0]
+        for m in (model, compact)
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 def test_untraceable_model_gets_a_clear_error():
