@@ -120,8 +120,9 @@ class RunReport:
                 **state["teacher_model"],
                 wall_time_s=state.get("wall_time_s"),
             )
-        if state.get("teacher_metrics") and self.model("teacher") is not None:
-            self.ensure_model("teacher", **state["teacher_metrics"])
+        teachers = [m for m in self.data["models"] if m.get("role") == "teacher"]
+        if state.get("teacher_metrics") and teachers:  # the teacher the stage used: the latest
+            teachers[-1].update(state["teacher_metrics"])
 
     def finish(self) -> None:
         self.data["status"] = "complete"
@@ -177,7 +178,24 @@ def _against_teacher(report: dict[str, Any]) -> list[str]:
         lines.append(f"- {teacher['params'] / s['params']:.2f}x fewer parameters")
     if teacher.get("flops") and s.get("flops"):
         lines.append(f"- {teacher['flops'] / s['flops']:.2f}x fewer FLOPs per image")
-    if teacher.get("latency_ms") and s.get("latency_ms"):
+    paired = next(
+        (
+            st["metrics"]["speedup_vs_teacher"]
+            for st in reversed(report.get("stages", []))
+            if st.get("model") == s["name"] and st.get("metrics", {}).get("speedup_vs_teacher")
+        ),
+        None,
+    )
+    if paired:  # the bench stage's paired rounds: the median of the per-round ratios
+        faster = ", ".join(
+            f"{r['median_ratio']:.2f}x at batch {b}"
+            + ("" if r.get("reliable", True) else " (noisy)")
+            for b, r in paired.items()
+        )
+        lines.append(
+            f"- faster than the teacher, p50 in paired rounds: {faster} ({s.get('backend')})"
+        )
+    elif teacher.get("latency_ms") and s.get("latency_ms"):
         lines.append(
             f"- {teacher['latency_ms'] / s['latency_ms']:.2f}x lower p50 latency "
             f"(batch {s.get('latency_batch_size')}, {s.get('backend')})"

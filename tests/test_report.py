@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import InputError
-from compress.report import render, render_markdown
+from compress.report import RunReport, render, render_markdown
 from compress.runs import RunFolder
 
 
@@ -118,6 +118,33 @@ def test_models_table_and_comparison_with_the_teacher(tmp_path: Path):
     assert "- 3.14x fewer parameters" in md
     assert "- 4.00x lower p50 latency (batch 1, onnxruntime)" in md
     assert "- top-1 -2.00 points" in md
+
+
+def test_bench_speedup_against_the_adapted_teacher_is_the_paired_one(tmp_path: Path):
+    """The bench stage times the teacher later stages learned from (the adapted one), and its
+    paired rounds, not a ratio of two medians, give the comparison."""
+    report = RunReport(tmp_path, "demo", writer=False)
+    report.ensure_model("teacher", role="teacher", top1=83.0, params=850_000)
+
+    class Cfg:
+        type = label = "stage"
+
+    report.record_stage(0, Cfg, tmp_path / "00-adapt", {"teacher_model": {"top1": 88.0}}, "x")
+    Cfg.type = Cfg.label = "bench"
+    paired = {"1": {"median_ratio": 1.99, "reliable": True}, "32": {"median_ratio": 2.26}}
+    state = {
+        "metrics": {"speedup_vs_teacher": paired},
+        "teacher_metrics": {"latency_ms": 1.46},
+        "model_metrics": {"latency_ms": 0.73, "backend": "onnxruntime"},
+        "model": {"top1": 84.3, "params": 280_000},
+    }
+    report.record_stage(1, Cfg, tmp_path / "01-bench", state, "01-student")
+    assert "latency_ms" not in report.model("teacher")
+    assert report.model("00-adapt teacher")["latency_ms"] == 1.46
+    md = render_markdown(report.data, tmp_path)
+    assert "against the teacher (`00-adapt teacher`)" in md
+    assert "p50 in paired rounds: 1.99x at batch 1, 2.26x at batch 32 (onnxruntime)" in md
+    assert "lower p50 latency" not in md
 
 
 def test_each_stage_type_contributes_its_section_in_recipe_order(tmp_path: Path):
