@@ -12,6 +12,8 @@ with `ptq_int8` on few calibration batches (every supported op INT8), and then c
 layers that bring its validation top-1 within `--budget` three ways, each the smallest number of
 layers that meets the budget on the same validation images:
 - compress: the sensitivity ranking (`max_accuracy_drop`'s choice);
+- compress_solo_costs: the same ranking with each unit priced alone, as if no two adjacent
+  float units shared their Q/DQ and layout conversions;
 - random: layers in a random order (`--random-seeds` orders; the median count is reported);
 - first_last: the first and the last layers, then the second and the second-to-last, and so on
   (the usual manual rule of keeping the stem and the classifier in float).
@@ -25,6 +27,7 @@ Last stdout line: JSON; also results/chain.json or results/chain_fallback.json (
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -123,6 +126,7 @@ def fallback(args: argparse.Namespace) -> dict:
     from compress.quant.qdq_layers import float_reference, with_float_layers, with_node_names
     from compress.quant.sensitivity import (
         onnx_logits,
+        rank_units,
         run_sensitivity,
         shortest_prefix,
         top1_percent,
@@ -151,7 +155,13 @@ def fallback(args: argparse.Namespace) -> dict:
 
     nodes = [r.layer.node for r in analysis.layers]  # graph order
     k = len(analysis.chosen)
-    orders = {"compress": analysis.order(), "first_last": first_last(nodes)}
+    solo = copy.deepcopy(analysis.layers)  # the ranking without the adjacent pairs' costs
+    rank_units(solo, "speed")
+    orders = {
+        "compress": analysis.order(),
+        "compress_solo_costs": [r.layer.node for r in sorted(solo, key=lambda r: r.rank)],
+        "first_last": first_last(nodes),
+    }
     for seed in range(args.random_seeds):
         orders[f"random{seed}"] = list(np.random.default_rng(seed).permutation(nodes))
     choices: dict[str, dict] = {}
@@ -214,9 +224,12 @@ def fallback(args: argparse.Namespace) -> dict:
                 key = f"{name}_b{b}"
                 speedup.setdefault(name, {})[b] = record_paired(result, key, paired)
     result["speedup_vs_fp32"] = speedup
-    result["compress_speedup_kept"] = {
-        b: speedup["compress"][b] / speedup["int8"][b] for b in speedup["int8"]
+    result["speedup_kept"] = {  # the share of the all-INT8 model's speed-up over FP32 kept
+        name: {b: speedup[name][b] / speedup["int8"][b] for b in speedup["int8"]}
+        for name in speedup
+        if name != "int8"
     }
+    result["compress_speedup_kept"] = result["speedup_kept"]["compress"]
     return result
 
 

@@ -119,6 +119,39 @@ def quantized_layers(
     return units
 
 
+def adjacent_units(model: onnx.ModelProto, units: list[QuantLayer]) -> list[tuple[str, str]]:
+    """Pairs of units (producer node, consumer node) where the consumer reads, through a
+    QuantizeLinear and DequantizeLinear, what the producer computes (possibly after float ops
+    that are not units themselves, such as a Relu or a Reshape). In float together, the two share
+    one float region: the Q/DQ between them, and the layout conversions around it, go."""
+    graph = model.graph
+    producers = _producers(graph)
+    names = {u.node for u in units}
+    pairs = []
+    for node in graph.node:
+        if node.name not in names:
+            continue
+        for tensor in node.input:
+            dq = producers.get(tensor)
+            q = (
+                _quantizer(dq, producers)
+                if dq is not None and dq.op_type == "DequantizeLinear"
+                else None
+            )
+            up = producers.get(q.input[0]) if q is not None else None
+            for _ in range(4):  # through a few float ops that are not units
+                if (
+                    up is None
+                    or up.name in names
+                    or up.op_type in ("QuantizeLinear", "DequantizeLinear")
+                ):
+                    break
+                up = producers.get(up.input[0]) if up.input else None
+            if up is not None and up.name in names and (up.name, node.name) not in pairs:
+                pairs.append((up.name, node.name))
+    return pairs
+
+
 def _quantizer(dq: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
     """The QuantizeLinear whose integers a DequantizeLinear reads, if one made them."""
     up = producers.get(dq.input[0])

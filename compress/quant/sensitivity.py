@@ -16,11 +16,14 @@ How it is computed (all on the deployable Q/DQ graph in onnxruntime, on validati
    two do not share (the layer's float kernel and the Q/DQ and layout conversions around it
    against its integer kernel) give the layer's cost, as a fraction of the all-INT8 latency.
    Kernel times of single nodes are much steadier than whole-model timings of two models that
-   differ by one layer in fifty.
-3. Choice: layers in order of KL recovered per unit of speed cost (or of KL recovered alone),
-   and the shortest prefix of that order whose model is within the budget, found by bisection
-   (log2 N evaluations; every evaluated prefix is recorded). Layers whose float version alone
-   recovers nothing come last, by what they recover.
+   differ by one layer in fifty. Each float unit in an INT8 graph pays for the Q/DQ and layout
+   conversions at its edges, which two adjacent float units share; so each pair of adjacent
+   units that both recover accuracy is profiled in float too, and what the pair saves against
+   its two units apart is taken off a unit's cost once its neighbour is in float.
+3. Choice: layers greedily in order of KL recovered per unit of that marginal speed cost (or of
+   KL recovered alone), and the shortest prefix of that order whose model is within the budget,
+   found by bisection (log2 N evaluations; every evaluated prefix is recorded). Layers whose
+   float version alone recovers nothing come last, by what they recover.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from compress.deploy.timing import default_threads
 from compress.quant.qdq_layers import (
     FloatReference,
     QuantLayer,
+    adjacent_units,
     quantized_layers,
     with_float_layers,
     with_node_names,
@@ -199,6 +203,7 @@ class LayerRecord:
     kl_recovered: float = 0.0
     cost_ms: dict[int, float] = field(default_factory=dict)
     cost: float | None = None  # fraction of the all-INT8 latency, mean over batch sizes
+    marginal_cost: float | None = None  # its cost next to the units ranked before it
     score: float = 0.0
     rank: int | None = None
     float: bool = False
@@ -212,6 +217,7 @@ class LayerRecord:
             "kl_recovered": self.kl_recovered,
             "speed_cost_ms": {str(b): c for b, c in self.cost_ms.items()},
             "speed_cost": self.cost,
+            "marginal_speed_cost": self.marginal_cost,
             "score": self.score,
             "rank": self.rank,
             "float": self.float,
@@ -236,6 +242,7 @@ class Sensitivity:
     seconds: float = 0.0
     note: str = ""
     own_float_top1: float | None = None  # QAT: the trained weights in float
+    pair_costs: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
     def int8_drop(self) -> float:
@@ -267,7 +274,8 @@ class Sensitivity:
             "speed_batch_sizes": self.batch_sizes,
             "method": (
                 "one at a time: each quantized layer back in float in the all-INT8 Q/DQ model, "
-                "scored in onnxruntime; speed cost from onnxruntime's per-kernel profile; the "
+                "scored in onnxruntime; speed cost from onnxruntime's per-kernel profile, less "
+                "what an adjacent unit ranked before it shares; the "
                 "shortest prefix of the ranking within the budget, by bisection"
             ),
             "note": self.note,
@@ -280,6 +288,9 @@ class Sensitivity:
             "evaluations": self.evaluations,
             "seconds": self.seconds,
             "layers": [r.to_dict() for r in self.layers],
+            "adjacent_pairs": [
+                {"nodes": list(pair), "speed_cost": cost} for pair, cost in self.pair_costs.items()
+            ],
         }
 
 
@@ -320,7 +331,21 @@ def analyse(
             }
             record.cost = float(np.mean([record.cost_ms[b] / total[b] for b in batch_sizes]))
         records.append(record)
-    _rank(records, ranking)
+    pair_costs = {}
+    if ranking == "speed":
+        helpful = {r.layer.node for r in records if r.kl_recovered > 0}
+        pairs = [p for p in adjacent_units(qdq, layers) if set(p) <= helpful]
+        for pair in tqdm(pairs, desc="adjacent pairs", unit="pair", leave=False, disable=None):
+            edited = with_float_layers(qdq, list(pair), fp32)
+            pair_costs[pair] = float(
+                np.mean(
+                    [
+                        cost_ms(base_times[b], kernel_times(edited, b, threads)) / total[b]
+                        for b in batch_sizes
+                    ]
+                )
+            )
+    rank_units(records, ranking, pair_costs)
     return Sensitivity(
         float_top1,
         int8,
@@ -329,18 +354,53 @@ def analyse(
         list(batch_sizes) if ranking == "speed" else [],
         len(val.labels),
         seconds=time.perf_counter() - t0,
+        pair_costs=pair_costs,
     )
 
 
-def _rank(records: list[LayerRecord], ranking: Ranking) -> None:
+def rank_units(
+    records: list[LayerRecord],
+    ranking: Ranking,
+    pair_costs: dict[tuple[str, str], float] | None = None,
+) -> None:
+    """Rank the units: those whose float version recovers KL first, then the rest by what they
+    recover. With `ranking: speed`, greedily by KL recovered per unit of marginal speed cost: a
+    unit next to one already ranked costs its own cost less what the two save together
+    (`pair_costs`: the measured cost of adjacent pairs in float), so float units gather into
+    regions instead of scattering islands, each with its own Q/DQ and layout conversions."""
+    pair_costs = pair_costs or {}
+    savings: dict[str, dict[str, float]] = defaultdict(dict)
+    by_node = {r.layer.node: r for r in records}
+    for (a, b), both in pair_costs.items():
+        ca, cb = by_node[a].cost, by_node[b].cost
+        if ca is not None and cb is not None:
+            savings[a][b] = savings[b][a] = max(0.0, ca + cb - both)
+
+    def marginal(r: LayerRecord, chosen: set[str]) -> float:
+        saved = sum(v for n, v in savings[r.layer.node].items() if n in chosen)
+        return max(r.cost - saved, 0.0)  # type: ignore[operator]
+
+    helpful = [r for r in records if r.kl_recovered > 0]
+    ordered: list[LayerRecord] = []
+    chosen: set[str] = set()
+    speed = ranking == "speed" and all(r.cost is not None for r in records)
     for r in records:
-        if ranking == "speed" and r.cost is not None:
-            r.score = r.kl_recovered / max(r.cost, MIN_COST)
-        else:
-            r.score = r.kl_recovered
-    helpful = sorted((r for r in records if r.kl_recovered > 0), key=lambda r: -r.score)
+        r.marginal_cost = None
+    while helpful:
+        for r in helpful:
+            if speed:
+                r.marginal_cost = marginal(r, chosen)
+                r.score = r.kl_recovered / max(r.marginal_cost, MIN_COST)
+            else:
+                r.score = r.kl_recovered
+        best = max(helpful, key=lambda r: r.score)
+        helpful.remove(best)
+        ordered.append(best)
+        chosen.add(best.layer.node)
     rest = sorted((r for r in records if r.kl_recovered <= 0), key=lambda r: -r.kl_recovered)
-    for i, r in enumerate(helpful + rest):  # layers that recover nothing alone come last
+    for r in rest:
+        r.score = r.kl_recovered / max(r.cost, MIN_COST) if speed else r.kl_recovered
+    for i, r in enumerate(ordered + rest):  # units that recover nothing alone come last
         r.rank = i
 
 
@@ -559,20 +619,33 @@ def report_lines(doc: dict[str, Any], plot: str | None = None, others: int = 10)
             num(r.get("top1_drop")),
             num(r.get("kl_recovered"), ".4f"),
             "–" if r.get("speed_cost") is None else f"{100 * r['speed_cost']:.1f}%",
+            "–"
+            if r.get("marginal_speed_cost") is None
+            else f"{100 * r['marginal_speed_cost']:.1f}%",
             "–" if r.get("rank") is None else str(r["rank"] + 1),
             "float" if r.get("float") else "INT8",
         ]
         for r in shown
     ]
-    headers = ["module", "ONNX node", "top-1 drop as INT8", "KL added", "speed cost", "rank"]
+    headers = [
+        "module",
+        "ONNX node",
+        "top-1 drop as INT8",
+        "KL added",
+        "speed cost",
+        "next to earlier",
+        "rank",
+    ]
     lines += ["", *table([*headers, "kept"], rows)] if rows else []
     lines += [
         "",
         "Each unit (a conv/linear layer, or an op such as an add or a multiply) alone back in "
         "float in the all-INT8 model: the validation top-1 points and the KL divergence from the "
         "float model's outputs it removes, and what it adds to the latency as a share of the "
-        "all-INT8 model's (onnxruntime's kernel profile). Rank: the order in which units return "
-        "to float (KL removed per unit of speed cost, or KL alone).",
+        "all-INT8 model's (onnxruntime's kernel profile); next to earlier: that cost less what "
+        "it shares with adjacent units ranked before it (one float region instead of two). "
+        "Rank: the order in which units return to float (KL removed per unit of that cost, or "
+        "KL alone).",
         "",
     ]
     return lines

@@ -14,12 +14,20 @@ from compress.errors import InputError
 from compress.models import ModelSpec, build_model, load_model
 from compress.quant.ort_int8 import quantize_onnx_int8
 from compress.quant.qdq_layers import (
+    QuantLayer,
+    adjacent_units,
     float_reference,
     quantized_layers,
     with_float_layers,
     with_node_names,
 )
-from compress.quant.sensitivity import mean_kl, onnx_logits, shortest_prefix
+from compress.quant.sensitivity import (
+    LayerRecord,
+    mean_kl,
+    onnx_logits,
+    rank_units,
+    shortest_prefix,
+)
 from tests.conftest import run_cli, write_recipe
 
 
@@ -90,6 +98,43 @@ def test_nodes_without_names_are_told_apart(resnet20_int8):
     edited = with_float_layers(named, [layers[0].node])
     assert len(quantized_layers(edited)) == len(layers) - 1
     np.testing.assert_array_equal(onnx_logits(named, images), onnx_logits(qdq, images))
+
+
+def test_adjacent_units_follow_the_data_path_through_q_dq(resnet20_int8):
+    """Units that read each other's output through Q/DQ (and a Relu that onnxruntime's quantizer
+    folded into it) pair up; the stem and the classifier do not."""
+    _, _, qdq, _ = resnet20_int8
+    layers = quantized_layers(qdq)
+    by_module = {}
+    for layer in layers:
+        by_module.setdefault(layer.module, layer.node)
+    pairs = set(adjacent_units(qdq, layers))
+    conv = "/layer1/layer1.0/conv1/Conv", "/layer1/layer1.0/conv2/Conv"
+    assert {by_module["layer1.0.conv1"], by_module["layer1.0.conv2"]} == set(conv)
+    assert conv in pairs  # conv1 -> Relu (folded) -> Q -> DQ -> conv2
+    assert (by_module["conv1"], by_module["layer1.0.conv1"]) in pairs
+    adds = [layer.node for layer in layers if layer.op_type == "Add"]
+    assert any((by_module["layer1.0.conv2"], a) in pairs for a in adds)  # into the residual add
+    assert not any(by_module["linear"] in pair and by_module["conv1"] in pair for pair in pairs)
+    assert all(a != b for a, b in pairs)
+
+
+def _record(node: str, kl: float, cost: float) -> LayerRecord:
+    return LayerRecord(QuantLayer(node, node, "Conv", 1), 0.0, 0.0, 0.0, kl, cost=cost)
+
+
+def test_speed_ranking_gathers_adjacent_units_into_one_float_region():
+    """Alone, C is worth more per unit of cost than B; next to A (already float), B costs less
+    than a fifth of its own cost, so it comes second."""
+    records = [_record("A", 1.0, 0.05), _record("B", 0.5, 0.05), _record("C", 0.55, 0.05)]
+    records.append(_record("D", -0.01, 0.01))  # recovers nothing alone: last
+    rank_units(records, "speed")
+    assert [r.layer.node for r in sorted(records, key=lambda r: r.rank)] == ["A", "C", "B", "D"]
+    rank_units(records, "speed", {("A", "B"): 0.06})  # together: 0.06, not 0.10
+    assert [r.layer.node for r in sorted(records, key=lambda r: r.rank)] == ["A", "B", "C", "D"]
+    assert records[1].marginal_cost == pytest.approx(0.01)
+    rank_units(records, "accuracy", {("A", "B"): 0.06})  # accuracy alone ignores speed
+    assert [r.layer.node for r in sorted(records, key=lambda r: r.rank)] == ["A", "C", "B", "D"]
 
 
 def test_shortest_prefix_bisects_to_the_first_prefix_within_the_budget():
