@@ -489,6 +489,22 @@ def fit_budget(
     return models[k]
 
 
+def spread_warning(chosen: int, total: int, latency_vs_int8: float | None = None) -> str | None:
+    """Advice when a budget took `chosen` of `total` units, more than half, back to float: the
+    INT8 error is spread over the model (e.g. swish activations calibrated on a few batches), so
+    mixed precision keeps little of INT8's speed, and better calibration or QAT is the remedy."""
+    if not total or chosen <= total / 2:
+        return None
+    latency = (
+        "" if latency_vs_int8 is None else f" (latency {latency_vs_int8:.2f}x the all-INT8 model's)"
+    )
+    return (
+        f"{chosen} of {total} quantized layers and ops had to go back to float{latency}: the INT8 "
+        "error is spread over most of the model, so little of INT8's speed is left; calibrate on "
+        "more batches (calibration_batches) or train with method: qat_int8"
+    )
+
+
 def validation_set(reference: onnx.ModelProto, data: Any, images: int) -> ValidationSet:
     """Up to `images` of `data`'s val split with the FP32 model `reference`'s logits on them."""
     x, labels = validation_arrays(data, images)
@@ -606,6 +622,9 @@ def report_lines(doc: dict[str, Any], plot: str | None = None, others: int = 10)
             f"Latency with them in float: {doc['latency_vs_int8']:.2f}x the all-INT8 model's "
             "(onnxruntime CPU, paired, mean over batch 1 and 32)."
         )
+    advice = spread_warning(len(kept), len(layers), doc.get("latency_vs_int8"))
+    if advice:
+        lines.append(f"**Warning:** {advice}.")
     if doc.get("note"):
         lines.append(doc["note"] + ".")
     if plot:

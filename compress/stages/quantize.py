@@ -59,6 +59,7 @@ from compress.quant.sensitivity import (
     Ranking,
     report_lines,
     run_sensitivity,
+    spread_warning,
     validation_set,
 )
 from compress.quant.size import size_report
@@ -299,6 +300,9 @@ def _fit_accuracy_budget(
         f"in float for max_accuracy_drop {cfg.max_accuracy_drop}: validation top-1 drop "
         f"{analysis.int8_drop:.2f} -> {analysis.final_drop:.2f} points"
     )
+    advice = spread_warning(len(analysis.chosen), len(analysis.layers), analysis.latency_vs_int8)
+    if advice:
+        logger.warning(f"stages[{ctx.index}]: {advice}")
     result.model = OnnxInt8Model(float_model.cpu(), chosen.SerializeToString())
     result.spec = _int8_spec(ctx, cfg, route="onnxruntime")
     result.metrics.update(

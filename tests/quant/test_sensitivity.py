@@ -26,6 +26,7 @@ from compress.quant.sensitivity import (
     mean_kl,
     onnx_logits,
     rank_units,
+    report_lines,
     shortest_prefix,
 )
 from tests.conftest import run_cli, write_recipe
@@ -135,6 +136,20 @@ def test_speed_ranking_gathers_adjacent_units_into_one_float_region():
     assert records[1].marginal_cost == pytest.approx(0.01)
     rank_units(records, "accuracy", {("A", "B"): 0.06})  # accuracy alone ignores speed
     assert [r.layer.node for r in sorted(records, key=lambda r: r.rank)] == ["A", "C", "B", "D"]
+
+
+def test_a_budget_that_floats_most_of_the_model_says_to_calibrate_or_train_instead():
+    layers = [
+        {"node": f"n{i}", "module": f"m{i}", "float": i < 7, "rank": i, "top1_drop": 0.1}
+        for i in range(10)
+    ]
+    doc = {"budget_top1_drop": 0.5, "layers": layers, "latency_vs_int8": 1.3}
+    text = "\n".join(report_lines(doc))
+    assert "7 of 10 quantized layers and ops had to go back to float (latency 1.30x" in text
+    assert "calibration_batches" in text and "qat_int8" in text
+    for layer in layers[5:]:  # half in float: no warning
+        layer["float"] = False
+    assert "had to go back" not in "\n".join(report_lines(doc))
 
 
 def test_shortest_prefix_bisects_to_the_first_prefix_within_the_budget():
