@@ -229,7 +229,6 @@ def fallback(args: argparse.Namespace) -> dict:
         for name in speedup
         if name != "int8"
     }
-    result["compress_speedup_kept"] = result["speedup_kept"]["compress"]
     return result
 
 

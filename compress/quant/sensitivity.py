@@ -314,6 +314,13 @@ def analyse(
         {b: kernel_times(qdq, b, threads) for b in batch_sizes} if ranking == "speed" else {}
     )
     total = {b: sum(t for _, t in times.values()) for b, times in base_times.items()}
+
+    def costs_ms(edited: onnx.ModelProto) -> dict[int, float]:
+        return {b: cost_ms(base_times[b], kernel_times(edited, b, threads)) for b in batch_sizes}
+
+    def share(costs: dict[int, float]) -> float:  # of the all-INT8 latency, mean over batches
+        return float(np.mean([costs[b] / total[b] for b in batch_sizes]))
+
     records = []
     for layer in tqdm(layers, desc="layer sensitivity", unit="layer", leave=False, disable=None):
         edited = with_float_layers(qdq, [layer.node], fp32)
@@ -326,25 +333,15 @@ def analyse(
             kl_recovered=int8.kl - scores.kl,
         )
         if ranking == "speed":
-            record.cost_ms = {
-                b: cost_ms(base_times[b], kernel_times(edited, b, threads)) for b in batch_sizes
-            }
-            record.cost = float(np.mean([record.cost_ms[b] / total[b] for b in batch_sizes]))
+            record.cost_ms = costs_ms(edited)
+            record.cost = share(record.cost_ms)
         records.append(record)
     pair_costs = {}
     if ranking == "speed":
         helpful = {r.layer.node for r in records if r.kl_recovered > 0}
         pairs = [p for p in adjacent_units(qdq, layers) if set(p) <= helpful]
         for pair in tqdm(pairs, desc="adjacent pairs", unit="pair", leave=False, disable=None):
-            edited = with_float_layers(qdq, list(pair), fp32)
-            pair_costs[pair] = float(
-                np.mean(
-                    [
-                        cost_ms(base_times[b], kernel_times(edited, b, threads)) / total[b]
-                        for b in batch_sizes
-                    ]
-                )
-            )
+            pair_costs[pair] = share(costs_ms(with_float_layers(qdq, list(pair), fp32)))
     rank_units(records, ranking, pair_costs)
     return Sensitivity(
         float_top1,
