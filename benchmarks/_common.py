@@ -72,7 +72,8 @@ def train_then_ptq_recipe(
 ) -> dict:
     """A short real training of `student` on the shared CIFAR-10 (`args.epochs` with AdamW at
     `args.lr` over `args.per_class` images per class, `args.test_per_class` test images), then
-    `ptq_int8` on `args.calibration_batches` batches with `placement`, and its export with the
+    `ptq_int8` on `args.calibration_batches` batches (of `args.calibration_batch_size` images
+    where given, else the data's batch size) with `placement`, and its export with the
     gate wide open (the drop is measured, not stopped at)."""
     return {
         "name": f"{prefix}-" + student["model"].replace(":", "-"),
@@ -92,6 +93,7 @@ def train_then_ptq_recipe(
                 "method": "ptq_int8",
                 "int8_placement": placement,
                 "calibration_batches": args.calibration_batches,
+                "batch_size": getattr(args, "calibration_batch_size", None),
             },
             {"type": "export", "int8_max_drop": 100, "speedup_batch_sizes": None},
         ],

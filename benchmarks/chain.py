@@ -21,7 +21,14 @@ Each is also scored with as many float layers as compress's choice. All of them,
 the all-INT8 models are scored on the test split and timed against FP32 in alternation at batch 1
 and 32 (`--rounds` rounds, the speed-up the median of the per-round ratios).
 
-Last stdout line: JSON; also results/chain.json or results/chain_fallback.json (`--name`).
+`--part ceiling` asks what speed-up over the FP32 teacher each search mode can reach at all: it
+cuts students from the chain's teacher (ResNet-56) without training them (latency does not
+depend on the weights' values), shrink-only ones with every block at one width scale and
+removal-only ones with the first blocks of each stage kept, quantizes each to INT8 (onnxruntime
+Q/DQ, every op) and times it against the FP32 teacher in alternation at batch 1 and 32.
+
+Last stdout line: JSON; also results/chain.json, results/chain_fallback.json or
+results/chain_ceiling.json (`--name`).
 """
 
 from __future__ import annotations
@@ -232,9 +239,65 @@ def fallback(args: argparse.Namespace) -> dict:
     return result
 
 
+CEILING_SCALES = (0.25, 0.5)  # shrink-only: every block at this width scale
+CEILING_KEEP = (2, 3, 4)  # removal-only: the first blocks of each stage kept
+
+
+def ceiling(args: argparse.Namespace) -> dict:
+    from compress.deploy.onnx_export import export_onnx
+    from compress.deploy.onnxruntime_backend import interleaved_latency
+    from compress.deploy.timing import BenchSettings, paired_result
+    from compress.evaluation import count_flops, count_params
+    from compress.models import ModelSpec, build_model
+    from compress.quant.ort_int8 import quantize_onnx_int8
+    from compress.search.build import build_student
+    from compress.search.units import find_units
+
+    size = (3, 32, 32)
+    spec = ModelSpec("cifar_resnet56", {})
+    teacher = build_model(spec).eval()
+    names = [u.name for u in find_units(teacher, size)]
+    candidates: dict[str, dict] = {
+        f"shrink_{s}": {"scales": dict.fromkeys(names, s)} for s in CEILING_SCALES
+    }
+    for keep in CEILING_KEEP:  # block names end in their index within the stage
+        removed = [n for n in names if int(n.rsplit(".", 1)[1]) >= keep]
+        candidates[f"removal_keep{keep}"] = {"removed": removed}
+    calibration = [np.random.default_rng(0).random((16, *size), dtype=np.float32)]
+    result: dict = {
+        "benchmark": "chain_ceiling",
+        "date": time.strftime("%Y-%m-%d"),
+        "teacher": spec.name,
+        "teacher_params": count_params(teacher),
+        "teacher_flops": count_flops(teacher, size),
+        "params_budget": count_params(teacher) // 3,
+        "students": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="compress-ceiling-") as tmp:
+        paths = {"teacher": export_onnx(teacher, Path(tmp) / "teacher.onnx", size)}
+        for name, candidate in candidates.items():
+            student, _ = build_student(teacher, spec, candidate, size)
+            fp32 = export_onnx(student, Path(tmp) / f"{name}.onnx", size)
+            paths[name] = Path(tmp) / f"{name}_int8.onnx"
+            quantize_onnx_int8(fp32, paths[name], calibration, placement="all")
+            result["students"][name] = {
+                **candidate,
+                "params": count_params(student),
+                "flops": count_flops(student, size),
+            }
+        settings = BenchSettings(warmup=3, min_iters=10, min_duration_s=0.2, repeats=args.rounds)
+        runs = interleaved_latency(paths, [1, 32], settings, sessions="kept")
+    for b, by in runs.items():
+        for name, entry in result["students"].items():
+            paired = paired_result(by[name], by["teacher"])  # teacher / student: the speed-up
+            speedup = record_paired(result, f"{name}_b{b}", paired)
+            entry.setdefault("int8_speedup_vs_fp32_teacher", {})[b] = speedup
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["chain", "fallback"], default="chain")
+    p.add_argument("--part", choices=["chain", "fallback", "ceiling"], default="chain")
     p.add_argument("--full", action="store_true", help="chain: the full configuration")
     p.add_argument("--set", action="append", default=[], help="chain: a recipe override")
     p.add_argument("--out", help="run folder (default: a temporary one)")
@@ -245,6 +308,9 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=500, help="train (+val) images per class")
     p.add_argument("--test-per-class", type=int, default=200)
     p.add_argument("--calibration-batches", type=int, default=1)
+    p.add_argument(
+        "--calibration-batch-size", type=int, help="images per calibration batch (default: 64)"
+    )
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 points")
     p.add_argument("--random-seeds", type=int, default=3)
@@ -253,6 +319,8 @@ def main() -> None:
     args = p.parse_args()
     if args.part == "chain":
         save(args.name or "chain", chain(args))
+    elif args.part == "ceiling":
+        save(args.name or "chain_ceiling", ceiling(args))
     else:
         save(args.name or "chain_fallback", fallback(args))
 

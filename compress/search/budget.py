@@ -1,5 +1,7 @@
-"""Budget-feasible shrink actions (AMC's action bound): a width scale is offered only when the
-candidate can still meet the cost limit with every later unit at its smallest width. What shrinking
+"""Budget-feasible actions (AMC's action bound). A width scale is offered only when the candidate
+can still meet the cost limit with every later unit at its smallest width; keeping a removable unit
+is offered only when it can still meet the limit with every later removable unit removed (and, in
+a joint search, every kept unit then shrunk to its smallest width). What shrinking
 a unit at each scale saves is measured on the model with that unit alone shrunk (once per distinct
 kept width); savings of different units add up exactly, as shrinkage keeps the residual stream's
 width. The built candidate is still measured and penalised if it violates (a removed unit is
@@ -51,6 +53,27 @@ def shrink_mask(
         if not ok.any():
             ok[max(range(actions), key=lambda a: sum(b.saving(unit, a) for b in bounds))] = True
         return ok
+
+    return allowed
+
+
+def removal_mask(
+    bounds: Sequence[CostBound], targets: Sequence[str], shrinkable: Sequence[str] = ()
+) -> Callable[[list[int]], torch.Tensor]:
+    """allowed(previous actions) -> bool mask over (remove, keep) for the next of the removable
+    `targets`. Removing is always offered; keeping only where every bound can still be met with
+    each later target removed and each unit of `shrinkable` left standing (the units a shrink
+    step after the removal may cut) at its largest saving."""
+
+    def allowed(previous: list[int]) -> torch.Tensor:
+        t = len(previous)
+        gone = {targets[j] for j, a in enumerate(previous) if a == 0} | set(targets[t + 1 :])
+        keep = True
+        for b in bounds:
+            lowest = b.total - sum(b.unit_cost.get(u, 0.0) for u in gone)
+            lowest -= sum(b.max_saving(u) for u in shrinkable if u not in gone)
+            keep &= lowest <= b.limit
+        return torch.tensor([True, keep])
 
     return allowed
 

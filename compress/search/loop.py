@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from compress.io import atomic_path
 from compress.log import logger
-from compress.search.budget import CostBound, shrink_mask
+from compress.search.budget import CostBound, removal_mask, shrink_mask
 from compress.search.policies import (
     MovingBaseline,
     RemovalPolicy,
@@ -87,8 +87,8 @@ class PolicySearch:
         """`seed` initialises the policies and their sampler. Under torchrun every rank samples
         the same rollouts (same seed); the new candidates of an update are split across ranks
         (`rank`, `world_size`) and their records pooled with `share`. `on_update(best)` runs on
-        every rank after each update's records are in. `bounds` hold the shrink actions to the
-        budgets they estimate (compress.search.budget). A state left in `work_dir` by an earlier
+        every rank after each update's records are in. `bounds` hold the shrink and removal actions
+        to the budgets they estimate (compress.search.budget). A state left in `work_dir` by an earlier
         run is resumed (InputError when it cannot be read); a warm start with other scales or
         another hidden size raises PolicyMismatch."""
         self.units, self.evaluate, self.s = units, evaluate, settings
@@ -192,7 +192,14 @@ class PolicySearch:
         removed: tuple[str, ...] = ()
         parts: list[Rollout] = []
         if phase in ("removal", "joint"):
-            r = self.removal.sample(feature_matrix(removable), self.generator, uniform)
+            allowed = None
+            if self.bounds and self._budgeted(phase):
+                shrinkable = (
+                    [u.name for u in self.units if u.shrinkable] if phase == "joint" else []
+                )
+                names = [u.name for u in removable]
+                allowed = removal_mask(self.bounds, names, shrinkable)
+            r = self.removal.sample(feature_matrix(removable), self.generator, uniform, allowed)
             removed = tuple(u.name for u, a in zip(removable, r.actions, strict=True) if a == 0)
             parts.append(r)
         scales: dict[str, float] = {}

@@ -52,8 +52,28 @@ class RemovalPolicy(nn.Module):
         out, _ = self.lstm(x.unsqueeze(0))
         return self.head(out.squeeze(0))
 
-    def sample(self, x, generator=None, uniform: bool = False) -> Rollout:
-        return _sample(self(x), generator, uniform)
+    def sample(
+        self,
+        x: torch.Tensor,
+        generator=None,
+        uniform: bool = False,
+        allowed: Callable[[list[int]], torch.Tensor] | None = None,
+    ) -> Rollout:
+        """`allowed(previous actions)` masks each unit's (remove, keep) in turn (see
+        compress.search.budget); the logits come from the whole sequence either way."""
+        logits = self(x)
+        if allowed is None:
+            return _sample(logits, generator, uniform)
+        steps: list[Rollout] = []
+        actions: list[int] = []
+        for t in range(logits.shape[0]):
+            steps.append(_sample(logits[t : t + 1], generator, uniform, allowed(actions)))
+            actions += steps[-1].actions
+        return Rollout(
+            actions,
+            torch.stack([s.log_prob for s in steps]).sum(),
+            torch.stack([s.entropy for s in steps]).sum(),
+        )
 
 
 class ShrinkPolicy(nn.Module):

@@ -45,9 +45,10 @@ class SearchSettings(StrictModel):
     )
     bound_actions: bool = Field(
         True,
-        description="Shrink actions that would leave a candidate over max_params or max_flops "
-        "(each unit's saving measured at each kept width) are not sampled, as AMC bounds its "
-        "actions; off: sampled freely and only penalised, as in N2N.",
+        description="Shrink and removal actions that would leave a candidate over max_params or "
+        "max_flops (each unit's saving measured at each kept width) are not sampled, as AMC "
+        "bounds its actions; off: sampled freely and only penalised, as in N2N. A sequential "
+        "search's removal phase is never bounded (its shrink phase reaches the budget).",
     )
     penalty_anneal_updates: int = Field(
         15, ge=0, description="Over-budget penalty goes from soft to a hard -1 over these updates."

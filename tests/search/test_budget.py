@@ -9,7 +9,7 @@ import pytest
 
 from compress.evaluation import count_flops
 from compress.models import create_model
-from compress.search.budget import CostBound, cost_bounds, shrink_mask
+from compress.search.budget import CostBound, cost_bounds, removal_mask, shrink_mask
 from compress.search.loop import PolicySearch
 from compress.search.settings import SearchSettings
 from compress.search.surgery import Candidate, build_candidate
@@ -81,3 +81,50 @@ def test_shrink_mask_offers_the_largest_saving_when_the_budget_cannot_be_met():
     assert allowed([1]).tolist() == [True, False, False]  # 80 - 30 = 50 at b's 0.25 only
     tight = CostBound(10.0, 100.0, {"a": 40.0}, {"a": [30.0, 20.0, 0.0]})
     assert shrink_mask([tight], [], ["a"], 3)([]).tolist() == [True, False, False]
+
+
+def test_removal_mask_forces_removal_once_keeping_would_break_the_budget():
+    costs = {"a": 30.0, "b": 40.0, "c": 10.0}
+    savings = {"a": [20.0, 0.0], "b": [20.0, 0.0], "c": [5.0, 0.0]}
+    bound = CostBound(limit=65.0, total=100.0, unit_cost=costs, savings=savings)
+    allowed = removal_mask([bound], ["a", "b"])
+    assert allowed([]).tolist() == [True, True]  # a kept, b removed: 60
+    assert allowed([1]).tolist() == [True, False]  # both kept: 100
+    assert allowed([0]).tolist() == [True, False]  # only a removed: 70
+    # a joint search still shrinks what it keeps (a, b and c at their smallest save 45)
+    joint = removal_mask([bound], ["a", "b"], shrinkable=["a", "b", "c"])
+    assert joint([1]).tolist() == [True, True]  # 100 - 45 = 55
+    tight = CostBound(limit=40.0, total=100.0, unit_cost=costs, savings=savings)
+    joint = removal_mask([tight], ["a", "b"], shrinkable=["a", "b", "c"])
+    assert joint([]).tolist() == [True, True]  # b removed, a and c shrunk: 100 - 40 - 25 = 35
+    assert joint([1]).tolist() == [True, False]  # 55 > 40
+
+
+@pytest.mark.parametrize("strategy", ["random", "policy_gradient"])
+def test_bounded_removal_keeps_real_candidates_within_the_budget(strategy, tmp_path):
+    model, _ = create_model("cifar_resnet20")
+    model.eval()
+    units = find_units(model, SIZE)
+    total = params(model)
+    limit = 0.45 * total  # at least both removable blocks of the last stage go
+    settings = SearchSettings(mode="removal", strategy=strategy, updates=2, rollouts=5)
+    bounds = cost_bounds(
+        model, units, settings.scales, 8, {"params": limit}, {"params": total}, SIZE
+    )
+
+    def built(search_dir, bounds) -> list[tuple[int, int]]:
+        out = []
+
+        def evaluate(candidate: Candidate) -> dict:
+            n = params(build_candidate(model, units, candidate, SIZE))
+            out.append((n, len(candidate.removed)))
+            return {"reward_raw": 0.5, "violates": n > limit}
+
+        PolicySearch(units, evaluate, settings, tmp_path / search_dir, bounds=bounds).run()
+        return out
+
+    free = built("free", None)
+    bounded = built("bounded", bounds)
+    assert any(n > limit for n, _ in free)  # the same search without bounds breaks the budget
+    assert len(bounded) >= 3 and all(n <= limit for n, _ in bounded)
+    assert len({removed for _, removed in bounded}) > 1  # bounded, not every block removed
