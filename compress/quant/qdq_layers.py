@@ -42,6 +42,9 @@ ACTIVATION_OPS = (
 )
 # Nodes between a QuantizeLinear and its DequantizeLinear that only restrict the integer range.
 _PASS_THROUGH = ("Clip", "Cast")
+# Ops that move or select values without computing new ones: a float layer that reads one of them
+# on a dequantized activation gets a float copy of it on the float source.
+_MOVES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "Slice", "Pad")
 
 
 @dataclass(frozen=True)
@@ -179,15 +182,17 @@ def _saturated(
     graph: onnx.GraphProto,
     inits: dict[str, onnx.TensorProto],
     done: dict[str, str],
+    source: str | None = None,
 ) -> str:
-    """The float input of `q` clipped to the range `q` can represent, without its rounding: for
-    a model from onnxruntime's quantizer when its FP32 model is not at hand.
+    """The float input of `q` (or `source`, the same values computed in float) clipped to the
+    range `q` can represent, without its rounding: for a model from onnxruntime's quantizer when
+    its FP32 model is not at hand.
 
     That quantizer drops a Relu or Clip whose range the QuantizeLinear's saturation already gives
     (a uint8 zero point of 0 is a Relu), so the tensor before its QuantizeLinear may lack an
     activation; the Clip puts it back, along with the calibrated range's clipping. Per-channel
     activations are taken as they are."""
-    source = q.input[0]
+    source = source or q.input[0]
     if source in done:
         return done[source]
     scale = inits.get(q.input[1])
@@ -249,7 +254,10 @@ def with_float_layers(
     An activation input becomes the tensor before its QuantizeLinear, with the Relu or Clip that
     `fp32` says onnxruntime's quantizer folded into it. Without `fp32`, a model from onnxruntime's
     quantizer gets the QuantizeLinear's own range instead (`_saturated`), and any other model the
-    tensor as it is (Brevitas and torch keep every activation explicit). A weight is the FP32
+    tensor as it is (Brevitas and torch keep every activation explicit). An input that ops which
+    only move values (`_MOVES`: Flatten, Reshape, MaxPool, Pad, ...) made from a dequantized
+    activation gets a float copy of those ops on that tensor, so a classifier behind a Flatten
+    reads no quantized activation either. A weight is the FP32
     weight `fp32` holds under the quantizer's name (`W` for `W_quantized`), else the dequantized
     integers."""
     wanted = set(nodes)
@@ -265,25 +273,58 @@ def with_float_layers(
         raise KeyError(f"no node named {', '.join(missing)}")
     added: dict[str, onnx.TensorProto] = {}
     clipped: dict[str, str] = {}
+    moved: set[str] = set()
     # onnxruntime's quantizer folds Relu/Clip into QuantizeLinear; exporters that keep every
     # activation explicit (Brevitas, torch) need the tensor as it is.
     saturate = fp32 is None and model.producer_name == ORT_QUANTIZER
+
+    def float_activation(dq: onnx.NodeProto) -> str | None:
+        """The float tensor behind a dequantized activation (None: not an activation)."""
+        q = _quantizer(dq, producers)
+        if q is None:
+            return None
+        name = q.input[0]
+        source = float_move(name) or name  # the quantized tensor may itself be moved integers
+        if fp32 is not None and name in fp32.activations:
+            return _bounded(source, *fp32.activations[name], q, graph, clipped)
+        return _saturated(q, graph, inits, clipped, source) if saturate else source
+
+    def float_move(name: str) -> str | None:
+        """`name` recomputed in float where a chain of `_MOVES` made it from a dequantized
+        activation: the chain copied onto the float tensor behind it (None: not such a chain)."""
+        move = producers.get(name)
+        if move is None or move.op_type not in _MOVES or len(move.output) != 1:
+            return None
+        up = producers.get(move.input[0])
+        if up is None:
+            return None
+        source = float_activation(up) if up.op_type == "DequantizeLinear" else None
+        source = source or float_move(move.input[0])
+        if source is None:
+            return None
+        out = f"{name}_float_moved"
+        if out not in moved:
+            copy_ = onnx.helper.make_node(
+                move.op_type, [source, *move.input[1:]], [out], name=f"{move.name}_float_moved"
+            )
+            copy_.attribute.extend(move.attribute)
+            graph.node.insert(list(graph.node).index(move) + 1, copy_)
+            moved.add(out)
+        return out
+
     for node in list(graph.node):
         if node.name not in wanted:
             continue
         for i, name in enumerate(node.input):
             dq = producers.get(name)
+            if dq is not None and dq.op_type in _MOVES:
+                node.input[i] = float_move(name) or name
+                continue
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
-            q = _quantizer(dq, producers)
-            if q is not None:
-                source = q.input[0]
-                if fp32 is not None and source in fp32.activations:
-                    node.input[i] = _bounded(source, *fp32.activations[source], q, graph, clipped)
-                elif saturate:
-                    node.input[i] = _saturated(q, graph, inits, clipped)
-                else:
-                    node.input[i] = source
+            source = float_activation(dq)
+            if source is not None:
+                node.input[i] = source
                 continue
             if dq.input[0] not in inits:
                 continue  # integers computed at run time: leave the node's input as it is
