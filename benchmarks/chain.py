@@ -6,9 +6,9 @@ longer schedules, and reports its goals against the adapted teacher on the test 
 student's ONNX file against the FP32 teacher's, the paired onnxruntime CPU speed-up at batch 1
 and 32 (the bench stage's `speedup_vs_teacher`), and the top-1 gap.
 
-`--part fallback` trains one architecture briefly (a depthwise network by default; the CIFAR
-ResNets start from their pretrained weights), quantizes it
-with `ptq_int8` on few calibration batches (every supported op INT8), and then chooses the float
+`--part fallback` trains one architecture briefly (timm's MobileNetV3-Large by default; the CIFAR
+ResNets start from their pretrained weights), quantizes it with `ptq_int8` on few calibration
+images (one batch of 4 by default; every supported op INT8), and then chooses the float
 layers that bring its validation top-1 within `--budget` three ways, each the smallest number of
 layers that meets the budget on the same validation images:
 - compress: the sensitivity ranking (`max_accuracy_drop`'s choice);
@@ -302,14 +302,14 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="chain: a recipe override")
     p.add_argument("--out", help="run folder (default: a temporary one)")
     p.add_argument("--name", help="result file name (default: chain or chain_fallback)")
-    p.add_argument("--arch", default="timm:mobilenetv3_small_100", help="fallback: the model")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--arch", default="timm:mobilenetv3_large_100", help="fallback: the model")
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--per-class", type=int, default=500, help="train (+val) images per class")
+    p.add_argument("--per-class", type=int, default=1000, help="train (+val) images per class")
     p.add_argument("--test-per-class", type=int, default=200)
     p.add_argument("--calibration-batches", type=int, default=1)
     p.add_argument(
-        "--calibration-batch-size", type=int, help="images per calibration batch (default: 64)"
+        "--calibration-batch-size", type=int, default=4, help="images per calibration batch"
     )
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 points")

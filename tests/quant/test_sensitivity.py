@@ -156,7 +156,7 @@ def test_a_budget_that_floats_most_of_the_model_says_to_calibrate_or_train_inste
     assert "had to go back" not in "\n".join(report_lines(doc))
 
 
-def test_shortest_prefix_bisects_to_the_first_prefix_within_the_budget():
+def test_shortest_prefix_finds_the_first_prefix_within_the_budget():
     order = [f"layer{i}" for i in range(40)]
     calls = []
 
@@ -166,9 +166,22 @@ def test_shortest_prefix_bisects_to_the_first_prefix_within_the_budget():
 
     k, seen = shortest_prefix(order, drop_of, budget=1.0)
     assert k == 10 and seen[k] <= 1.0 and seen[k - 1] > 1.0
-    assert len(calls) <= 2 + int(np.ceil(np.log2(len(order))))
+    assert len(calls) <= 2 + 2 * int(np.ceil(np.log2(k)))  # galloping: about 2 log2 k
     assert shortest_prefix(order, drop_of, budget=0.5)[0] == len(order) + 1  # never reached
     assert shortest_prefix(order, drop_of, budget=2.0)[0] == 0
+
+
+def test_shortest_prefix_is_not_sent_past_a_short_prefix_by_a_noisy_long_one():
+    """A top-1 on a few hundred images moves by whole images: here 10 layers meet the budget,
+    and one longer prefix misses it by a few images. A bisection over all 140 layers tests 35
+    first and ends at 36; the search up from short prefixes ends at 10."""
+    order = [f"unit{i}" for i in range(140)]
+
+    def drop_of(nodes):
+        k = len(nodes)
+        return 0.7 if k == 35 else max(0.0, 1.6 - 0.12 * k)
+
+    assert shortest_prefix(order, drop_of, budget=0.5)[0] == 10
 
 
 @pytest.mark.parametrize(
