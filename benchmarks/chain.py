@@ -9,7 +9,8 @@ and 32 (the bench stage's `speedup_vs_teacher`), and the top-1 gap.
 `--part fallback` trains one architecture briefly (timm's MobileNetV3-Large by default; the CIFAR
 ResNets start from their pretrained weights), quantizes it with `ptq_int8` on few calibration
 images (one batch of 4 by default; every supported op INT8), and then chooses the float
-layers that bring its validation top-1 within `--budget` three ways, each the smallest number of
+layers that bring its validation top-1 within `--budget` (held with `--margin-se` standard
+errors to spare, as the stage's `budget_margin_se`) three ways, each the smallest number of
 layers that meets the budget on the same validation images:
 - compress: the sensitivity ranking (`max_accuracy_drop`'s choice);
 - compress_solo_costs: the same ranking with each unit priced alone, as if no two adjacent
@@ -132,6 +133,7 @@ def fallback(args: argparse.Namespace) -> dict:
     from compress.deploy.timing import BenchSettings, paired_result
     from compress.quant.qdq_layers import float_reference, with_float_layers, with_node_names
     from compress.quant.sensitivity import (
+        budget_drop,
         onnx_logits,
         rank_units,
         run_sensitivity,
@@ -151,14 +153,24 @@ def fallback(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     val = validation_set(reference, data, args.val_images)
     analysis, _ = run_sensitivity(
-        qdq, reference, val, "speed", args.budget, fp32, out / "sensitivity"
+        qdq,
+        reference,
+        val,
+        "speed",
+        args.budget,
+        fp32,
+        out / "sensitivity",
+        margin_se=args.margin_se,
     )
     seconds = time.perf_counter() - t0
     y = val.labels
+    float_correct = val.reference.argmax(axis=1) == y
 
-    def drop_of(nodes: list[str]) -> float:
-        model = with_float_layers(qdq, nodes, fp32) if nodes else qdq
-        return analysis.float_top1 - val.score(model).top1
+    def scores_of(nodes: list[str]):
+        return val.score(with_float_layers(qdq, nodes, fp32) if nodes else qdq)
+
+    def drop_of(nodes: list[str]) -> float:  # every method held to the budget the same way
+        return budget_drop(float_correct, scores_of(nodes), args.margin_se)
 
     nodes = [r.layer.node for r in analysis.layers]  # graph order
     k = len(analysis.chosen)
@@ -176,7 +188,7 @@ def fallback(args: argparse.Namespace) -> dict:
         needed, _ = shortest_prefix(order, drop_of, args.budget)
         choices[name] = {
             "float_layers_needed": needed if needed <= len(order) else None,
-            "val_drop_with_compress_count": drop_of(list(order[:k])),
+            "val_drop_with_compress_count": analysis.float_top1 - scores_of(order[:k]).top1,
             "layers": list(order[: min(needed, len(order))]),
         }
     test_x, test_y = [], []
@@ -313,6 +325,9 @@ def main() -> None:
     )
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 points")
+    p.add_argument(
+        "--margin-se", type=float, default=1.0, help="fallback: the stage's budget_margin_se"
+    )
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)

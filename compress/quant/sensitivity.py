@@ -66,10 +66,23 @@ class BudgetUnreachable(Exception):
 
 @dataclass
 class Scores:
-    """Top-1 (%) and mean KL divergence from the FP32 model's outputs on the validation images."""
+    """Top-1 (%) and mean KL divergence from the FP32 model's outputs on the validation images,
+    and which images the model gets right."""
 
     top1: float
     kl: float
+    correct: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+def budget_drop(float_correct: np.ndarray, scores: Scores, margin_se: float = 0.0) -> float:
+    """The top-1 points `scores`' model loses against the float model (right on `float_correct`),
+    plus `margin_se` standard errors of that paired per-image difference: what a budget is held
+    to when it must hold beyond the validation images too."""
+    drop = float(np.mean(float_correct)) * 100.0 - scores.top1
+    if not margin_se or scores.correct is None or len(float_correct) < 2:
+        return drop
+    diff = float_correct.astype(np.float64) - scores.correct
+    return drop + margin_se * 100.0 * float(diff.std(ddof=1)) / np.sqrt(len(diff))
 
 
 @dataclass
@@ -82,7 +95,11 @@ class ValidationSet:
 
     def score(self, model: onnx.ModelProto | bytes, threads: int | None = None) -> Scores:
         logits = onnx_logits(model, self.images, threads)
-        return Scores(top1_percent(logits, self.labels), mean_kl(self.reference, logits))
+        return Scores(
+            top1_percent(logits, self.labels),
+            mean_kl(self.reference, logits),
+            logits.argmax(axis=1) == self.labels,
+        )
 
 
 def validation_arrays(data: Any, images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +252,7 @@ class Sensitivity:
     batch_sizes: list[int]
     images: int
     budget: float | None = None
+    margin_se: float = 0.0  # standard errors the budget is held with (`budget_drop`)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     chosen: list[str] = field(default_factory=list)
     final: Scores | None = None
@@ -262,6 +280,7 @@ class Sensitivity:
             "split": "val",
             "images": self.images,
             "budget_top1_drop": self.budget,
+            "budget_margin_se": self.margin_se,
             "float_top1": self.float_top1,
             "kl_reference": "the model's own weights in float (trained after quantization)"
             if self.own_float_top1 is not None
@@ -443,12 +462,17 @@ def fit_budget(
     budget: float,
     fp32: FloatReference | None = None,
     threads: int | None = None,
+    float_correct: np.ndarray | None = None,
+    margin_se: float = 0.0,
 ) -> onnx.ModelProto:
     """The Q/DQ model with the fewest, cheapest float layers whose validation top-1 is within
-    `budget` points of the FP32 model's; records the choice in `analysis`.
+    `budget` points of the FP32 model's (right on `float_correct`; default: `val`'s reference),
+    with `margin_se` standard errors to spare (`budget_drop`); records the choice in `analysis`.
 
     Raises BudgetUnreachable when only every quantized layer in float (or nothing) meets it."""
-    analysis.budget = budget
+    analysis.budget, analysis.margin_se = budget, margin_se
+    if float_correct is None:
+        float_correct = val.reference.argmax(axis=1) == val.labels
     models: dict[int, onnx.ModelProto] = {}
     scores: dict[int, Scores] = {}
     order = analysis.order()
@@ -457,10 +481,16 @@ def fit_budget(
         model = with_float_layers(qdq, nodes, fp32) if nodes else qdq
         s = val.score(model, threads) if nodes else analysis.int8
         models[len(nodes)], scores[len(nodes)] = model, s
+        held = budget_drop(float_correct, s, margin_se)
         analysis.evaluations.append(
-            {"float_layers": len(nodes), "top1": s.top1, "top1_drop": analysis.float_top1 - s.top1}
+            {
+                "float_layers": len(nodes),
+                "top1": s.top1,
+                "top1_drop": analysis.float_top1 - s.top1,
+                "top1_drop_with_margin": held,
+            }
         )
-        return analysis.float_top1 - s.top1
+        return held
 
     k, _ = shortest_prefix(order, drop_of, budget)
     every = len(order)
@@ -525,6 +555,7 @@ def run_sensitivity(
     folder: Path | None = None,
     note: str = "",
     trained: bool = False,
+    margin_se: float = 0.0,
 ) -> tuple[Sensitivity, onnx.ModelProto]:
     """Analyse `qdq` against its FP32 model `reference` on `val` (`validation_set`), and with a
     `budget`, fit it (the model returned). sensitivity.json and sensitivity.png go to
@@ -537,6 +568,7 @@ def run_sensitivity(
 
     qdq = with_node_names(qdq)
     float_top1 = top1_percent(val.reference, val.labels)
+    float_correct = val.reference.argmax(axis=1) == val.labels
     own_float = None
     if trained:
         every = [layer.node for layer in quantized_layers(qdq)]
@@ -548,7 +580,7 @@ def run_sensitivity(
     chosen = qdq
     try:
         if budget is not None:
-            chosen = fit_budget(qdq, analysis, val, budget, fp32)
+            chosen = fit_budget(qdq, analysis, val, budget, fp32, None, float_correct, margin_se)
             if analysis.chosen and ranking == "speed":
                 with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
                     base, mixed = Path(tmp) / "int8.onnx", Path(tmp) / "mixed.onnx"

@@ -140,6 +140,14 @@ class QuantizeStage(StageConfig, TrainingConfig, DistillationConfig):
         "model's, in points; the layers that cost the most accuracy per unit of speed return to "
         "float (FP16 on TensorRT) until it holds (sensitivity.json). null: every layer INT8.",
     )
+    budget_margin_se: float = Field(
+        0.0,
+        ge=0,
+        le=5,
+        description="max_accuracy_drop: hold the budget with this many standard errors of the "
+        "per-image top-1 difference to spare, so that it also holds beyond the validation "
+        "images (1: about 84% one-sided confidence). 0: the validation drop alone.",
+    )
     sensitivity_images: int = Field(
         1000,
         gt=0,
@@ -285,6 +293,7 @@ def _fit_accuracy_budget(
             ctx.stage_dir,
             note if cfg.int8_target == "tensorrt" else "",
             trained=cfg.method == "qat_int8",
+            margin_se=cfg.budget_margin_se,
         )
     except BudgetUnreachable as e:
         raise StageFailed(

@@ -23,6 +23,8 @@ from compress.quant.qdq_layers import (
 )
 from compress.quant.sensitivity import (
     LayerRecord,
+    Scores,
+    budget_drop,
     mean_kl,
     onnx_logits,
     rank_units,
@@ -169,6 +171,25 @@ def test_shortest_prefix_finds_the_first_prefix_within_the_budget():
     assert len(calls) <= 2 + 2 * int(np.ceil(np.log2(k)))  # galloping: about 2 log2 k
     assert shortest_prefix(order, drop_of, budget=0.5)[0] == len(order) + 1  # never reached
     assert shortest_prefix(order, drop_of, budget=2.0)[0] == 0
+
+
+def test_budget_margin_adds_standard_errors_of_the_paired_difference():
+    """400 images: the float model is right on 300; the quantized one loses 8 of them and gains
+    4 others. The drop is 1 point; the paired difference (+1 on 8 images, -1 on 4) has a
+    standard deviation of 0.1731, so one standard error is 0.87 points."""
+    float_correct = np.zeros(400, dtype=bool)
+    float_correct[:300] = True
+    correct = float_correct.copy()
+    correct[:8], correct[300:304] = False, True
+    scores = Scores(top1=100 * correct.mean(), kl=0.0, correct=correct)
+    assert budget_drop(float_correct, scores) == pytest.approx(1.0)
+    diff = float_correct.astype(float) - correct
+    se = 100 * diff.std(ddof=1) / np.sqrt(400)
+    assert se == pytest.approx(0.8657, abs=1e-4)
+    assert budget_drop(float_correct, scores, 1.0) == pytest.approx(1.0 + se)
+    assert budget_drop(float_correct, scores, 2.0) == pytest.approx(1.0 + 2 * se)
+    same = Scores(top1=75.0, kl=0.0, correct=float_correct.copy())
+    assert budget_drop(float_correct, same, 1.0) == 0.0  # no image changes: no doubt either
 
 
 def test_shortest_prefix_is_not_sent_past_a_short_prefix_by_a_noisy_long_one():
