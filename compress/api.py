@@ -125,6 +125,7 @@ def sensitivity(
     calibration_batches: int = 16,
     target: str = "onnxruntime",
     ranking: str | None = None,
+    margin_se: float = 0.0,
 ) -> dict[str, Any]:
     """Per-layer INT8 sensitivity of a model on the validation split of `data` (carved from
     train/ as in a recipe when there is no val/), on the Q/DQ model in onnxruntime.
@@ -132,7 +133,8 @@ def sensitivity(
     A float model is quantized first (onnxruntime's quantizer, every supported op INT8,
     calibrated on `calibration_batches` training batches); an INT8 model file written by a run is
     analysed as it is. Writes sensitivity.json and sensitivity.png to `out`; with `max_drop`,
-    also `model.int8.onnx`, the Q/DQ model with the fewest float layers that meet it.
+    also `model.int8.onnx`, the Q/DQ model with the fewest float layers that meet it (with
+    `margin_se` standard errors to spare, as the quantize stage's `budget_margin_se`).
     Returns sensitivity.json's content."""
     import tempfile
 
@@ -157,6 +159,8 @@ def sensitivity(
         )
     if max_drop is not None and not 0 <= max_drop <= 100:
         raise InputError(f"max_drop: expected 0 to 100 points of top-1 (got {max_drop})")
+    if not 0 <= margin_se <= 5:
+        raise InputError(f"margin_se: expected 0 to 5 standard errors (got {margin_se})")
     if images <= 0 or calibration_batches <= 0:
         raise InputError("images and calibration_batches must be > 0")
     loaded = _image_folder(data)
@@ -191,6 +195,7 @@ def sensitivity(
                 fp32,
                 out,
                 note,
+                margin_se=margin_se,
             )
         except BudgetUnreachable as e:
             raise StageFailed(

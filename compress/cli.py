@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--max-drop", type=float, help="validation top-1 points the INT8 model may lose"
     )
+    se.add_argument(
+        "--margin-se",
+        type=float,
+        default=0.0,
+        help="hold --max-drop with this many standard errors to spare (budget_margin_se)",
+    )
     se.add_argument("--out", type=Path, default=Path("sensitivity"), help="output folder")
     se.add_argument("--images", type=int, default=1000, help="validation images used")
     se.add_argument("--calibration-batches", type=int, default=16)
@@ -235,6 +241,7 @@ def cmd_sensitivity(args) -> int:
         args.calibration_batches,
         args.target,
         args.ranking,
+        args.margin_se,
     )
     if args.json:
         print(json.dumps(doc))

@@ -350,6 +350,9 @@ def test_sensitivity_command_on_a_model_the_user_brings(tmp_path, tiny_image_fol
         "sensitivity", "cifar_resnet20", "--data", str(tiny_image_folder), "--max-drop", "-1"
     )
     assert bad.returncode == 2 and "max_drop" in bad.stderr and "Traceback" not in bad.stderr
+    data = str(tiny_image_folder)
+    bad = run_cli("sensitivity", "cifar_resnet20", "--data", data, "--margin-se", "-1")
+    assert bad.returncode == 2 and "margin_se" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
