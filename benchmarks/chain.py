@@ -164,7 +164,7 @@ def fallback(args: argparse.Namespace) -> dict:
     )
     seconds = time.perf_counter() - t0
     y = val.labels
-    float_correct = val.reference.argmax(axis=1) == y
+    float_correct = val.reference_correct
 
     def scores_of(nodes: list[str]):
         return val.score(with_float_layers(qdq, nodes, fp32) if nodes else qdq)

@@ -71,7 +71,7 @@ class Scores:
 
     top1: float
     kl: float
-    correct: np.ndarray | None = field(default=None, repr=False, compare=False)
+    correct: np.ndarray = field(repr=False, compare=False)
 
 
 def budget_drop(float_correct: np.ndarray, scores: Scores, margin_se: float = 0.0) -> float:
@@ -79,7 +79,7 @@ def budget_drop(float_correct: np.ndarray, scores: Scores, margin_se: float = 0.
     plus `margin_se` standard errors of that paired per-image difference: what a budget is held
     to when it must hold beyond the validation images too."""
     drop = float(np.mean(float_correct)) * 100.0 - scores.top1
-    if not margin_se or scores.correct is None or len(float_correct) < 2:
+    if not margin_se or len(float_correct) < 2:
         return drop
     diff = float_correct.astype(np.float64) - scores.correct
     return drop + margin_se * 100.0 * float(diff.std(ddof=1)) / np.sqrt(len(diff))
@@ -92,6 +92,11 @@ class ValidationSet:
     images: np.ndarray
     labels: np.ndarray
     reference: np.ndarray
+
+    @property
+    def reference_correct(self) -> np.ndarray:
+        """Which images the FP32 model gets right."""
+        return self.reference.argmax(axis=1) == self.labels
 
     def score(self, model: onnx.ModelProto | bytes, threads: int | None = None) -> Scores:
         logits = onnx_logits(model, self.images, threads)
@@ -466,13 +471,14 @@ def fit_budget(
     margin_se: float = 0.0,
 ) -> onnx.ModelProto:
     """The Q/DQ model with the fewest, cheapest float layers whose validation top-1 is within
-    `budget` points of the FP32 model's (right on `float_correct`; default: `val`'s reference),
-    with `margin_se` standard errors to spare (`budget_drop`); records the choice in `analysis`.
+    `budget` points of the FP32 model's (right on `float_correct`; default: `val`'s
+    `reference_correct`), with `margin_se` standard errors to spare (`budget_drop`); records the
+    choice in `analysis`.
 
     Raises BudgetUnreachable when only every quantized layer in float (or nothing) meets it."""
     analysis.budget, analysis.margin_se = budget, margin_se
     if float_correct is None:
-        float_correct = val.reference.argmax(axis=1) == val.labels
+        float_correct = val.reference_correct
     models: dict[int, onnx.ModelProto] = {}
     scores: dict[int, Scores] = {}
     order = analysis.order()
@@ -568,7 +574,7 @@ def run_sensitivity(
 
     qdq = with_node_names(qdq)
     float_top1 = top1_percent(val.reference, val.labels)
-    float_correct = val.reference.argmax(axis=1) == val.labels
+    float_correct = val.reference_correct  # before QAT swaps in its own weights' logits
     own_float = None
     if trained:
         every = [layer.node for layer in quantized_layers(qdq)]
@@ -580,7 +586,9 @@ def run_sensitivity(
     chosen = qdq
     try:
         if budget is not None:
-            chosen = fit_budget(qdq, analysis, val, budget, fp32, None, float_correct, margin_se)
+            chosen = fit_budget(
+                qdq, analysis, val, budget, fp32, float_correct=float_correct, margin_se=margin_se
+            )
             if analysis.chosen and ranking == "speed":
                 with tempfile.TemporaryDirectory(prefix="compress-int8-") as tmp:
                     base, mixed = Path(tmp) / "int8.onnx", Path(tmp) / "mixed.onnx"
@@ -647,11 +655,14 @@ def report_lines(doc: dict[str, Any], plot: str | None = None, others: int = 10)
     kept = sorted((r for r in layers if r.get("float")), key=lambda r: r.get("rank") or 0)
     lines = []
     if doc.get("budget_top1_drop") is not None:
+        margin = doc.get("budget_margin_se")
+        held = f", held with {margin} standard errors to spare" if margin else ""
         lines.append(
             f"{len(kept)} of {len(layers)} quantized layers and ops kept in float for max_accuracy_drop "
             f"{doc['budget_top1_drop']}: validation top-1 drop {num(doc.get('int8_top1_drop'))} "
             f"points with every layer INT8, {num(doc.get('final_top1_drop'))} with these in float "
-            f"({doc.get('images')} validation images; float model {num(doc.get('float_top1'))}%)."
+            f"({doc.get('images')} validation images; float model {num(doc.get('float_top1'))}%)"
+            f"{held}."
         )
     if doc.get("latency_vs_int8") is not None:
         lines.append(

@@ -216,12 +216,7 @@ class PolicySearch:
                 r = self.shrink.sample(feature_matrix(targets), self.generator, uniform, allowed)
                 scales = {u.name: self.s.scales[a] for u, a in zip(targets, r.actions, strict=True)}
                 parts.append(r)
-        rollout = Rollout(
-            [a for p in parts for a in p.actions],
-            torch.stack([p.log_prob for p in parts]).sum(),
-            torch.stack([p.entropy for p in parts]).sum(),
-        )
-        return rollout, Candidate.make(removed, scales)
+        return Rollout.join(parts), Candidate.make(removed, scales)
 
     def _evaluate_new(
         self, candidates: list[Candidate], phase: str, global_update: int, bar: tqdm

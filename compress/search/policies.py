@@ -20,6 +20,16 @@ class Rollout:
     log_prob: torch.Tensor
     entropy: torch.Tensor
 
+    @classmethod
+    def join(cls, parts: list[Rollout]) -> Rollout:
+        """One rollout of `parts` sampled in turn: their actions in order, log-probs and
+        entropies summed."""
+        return cls(
+            [a for p in parts for a in p.actions],
+            torch.stack([p.log_prob for p in parts]).sum(),
+            torch.stack([p.entropy for p in parts]).sum(),
+        )
+
 
 def _sample(
     logits: torch.Tensor,
@@ -69,11 +79,7 @@ class RemovalPolicy(nn.Module):
         for t in range(logits.shape[0]):
             steps.append(_sample(logits[t : t + 1], generator, uniform, allowed(actions)))
             actions += steps[-1].actions
-        return Rollout(
-            actions,
-            torch.stack([s.log_prob for s in steps]).sum(),
-            torch.stack([s.entropy for s in steps]).sum(),
-        )
+        return Rollout.join(steps)
 
 
 class ShrinkPolicy(nn.Module):
@@ -95,16 +101,17 @@ class ShrinkPolicy(nn.Module):
         """`allowed(previous actions)` masks each step's choices (see compress.search.budget)."""
         h = c = x.new_zeros(1, self.cell.hidden_size)
         previous = x.new_zeros(1, self.actions)
-        actions, log_probs, entropies = [], [], []
+        steps: list[Rollout] = []
+        actions: list[int] = []
         for t in range(x.shape[0]):
             h, c = self.cell(torch.cat([x[t : t + 1], previous], dim=1), (h, c))
             mask = None if allowed is None else allowed(actions)
-            step = _sample(self.head(h), generator, uniform, mask)
-            actions += step.actions
-            log_probs.append(step.log_prob)
-            entropies.append(step.entropy)
-            previous = torch.nn.functional.one_hot(torch.tensor(step.actions), self.actions).to(x)
-        return Rollout(actions, torch.stack(log_probs).sum(), torch.stack(entropies).sum())
+            steps.append(_sample(self.head(h), generator, uniform, mask))
+            actions += steps[-1].actions
+            previous = torch.nn.functional.one_hot(
+                torch.tensor(steps[-1].actions), self.actions
+            ).to(x)
+        return Rollout.join(steps)
 
 
 class MovingBaseline:

@@ -156,6 +156,9 @@ def test_a_budget_that_floats_most_of_the_model_says_to_calibrate_or_train_inste
     for layer in layers[5:]:  # half in float: no warning
         layer["float"] = False
     assert "had to go back" not in "\n".join(report_lines(doc))
+    assert "standard errors" not in "\n".join(report_lines(doc))
+    doc["budget_margin_se"] = 1.0  # report.md says how the budget was held
+    assert "held with 1.0 standard errors to spare." in "\n".join(report_lines(doc))
 
 
 def test_shortest_prefix_finds_the_first_prefix_within_the_budget():

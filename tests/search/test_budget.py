@@ -17,33 +17,40 @@ from compress.search.units import find_units
 from tests.search.conftest import SIZE, params
 
 
-@pytest.mark.parametrize("strategy", ["random", "policy_gradient"])
-def test_bounded_shrink_actions_keep_real_candidates_within_the_budget(strategy, tmp_path):
+def _searched(mode: str, strategy: str, share: float, tmp_path) -> tuple[list, list, float]:
+    """Two short searches of `mode` on ResNet-20 with a parameter budget of `share` of its own,
+    without and with bounded actions: each built candidate's (params, blocks removed), and the
+    limit."""
     model, _ = create_model("cifar_resnet20")
     model.eval()
     units = find_units(model, SIZE)
     total = params(model)
-    limit = 0.35 * total
-    settings = SearchSettings(mode="joint", strategy=strategy, updates=2, rollouts=5)
+    limit = share * total
+    settings = SearchSettings(mode=mode, strategy=strategy, updates=2, rollouts=5)
     bounds = cost_bounds(
         model, units, settings.scales, 8, {"params": limit}, {"params": total}, SIZE
     )
 
-    def built_params(search_dir, bounds) -> list[int]:
-        counts = []
+    def built(search_dir, bounds) -> list[tuple[int, int]]:
+        out = []
 
         def evaluate(candidate: Candidate) -> dict:
-            counts.append(params(build_candidate(model, units, candidate, SIZE)))
-            return {"reward_raw": 0.5, "violates": counts[-1] > limit}
+            n = params(build_candidate(model, units, candidate, SIZE))
+            out.append((n, len(candidate.removed)))
+            return {"reward_raw": 0.5, "violates": n > limit}
 
         PolicySearch(units, evaluate, settings, tmp_path / search_dir, bounds=bounds).run()
-        return counts
+        return out
 
-    free = built_params("free", None)
-    bounded = built_params("bounded", bounds)
-    assert any(n > limit for n in free)  # the same search without bounds breaks the budget
-    assert len(bounded) >= 6 and all(n <= limit for n in bounded)
-    assert max(bounded) > 0.8 * limit  # bounded, not simply shrunk to the minimum
+    return built("free", None), built("bounded", bounds), limit
+
+
+@pytest.mark.parametrize("strategy", ["random", "policy_gradient"])
+def test_bounded_shrink_actions_keep_real_candidates_within_the_budget(strategy, tmp_path):
+    free, bounded, limit = _searched("joint", strategy, 0.35, tmp_path)
+    assert any(n > limit for n, _ in free)  # the same search without bounds breaks the budget
+    assert len(bounded) >= 6 and all(n <= limit for n, _ in bounded)
+    assert max(n for n, _ in bounded) > 0.8 * limit  # bounded, not simply shrunk to the minimum
 
 
 @pytest.mark.parametrize("name", ["cifar_resnet20", "timm:resnet26"])
@@ -102,29 +109,8 @@ def test_removal_mask_forces_removal_once_keeping_would_break_the_budget():
 
 @pytest.mark.parametrize("strategy", ["random", "policy_gradient"])
 def test_bounded_removal_keeps_real_candidates_within_the_budget(strategy, tmp_path):
-    model, _ = create_model("cifar_resnet20")
-    model.eval()
-    units = find_units(model, SIZE)
-    total = params(model)
-    limit = 0.45 * total  # at least both removable blocks of the last stage go
-    settings = SearchSettings(mode="removal", strategy=strategy, updates=2, rollouts=5)
-    bounds = cost_bounds(
-        model, units, settings.scales, 8, {"params": limit}, {"params": total}, SIZE
-    )
-
-    def built(search_dir, bounds) -> list[tuple[int, int]]:
-        out = []
-
-        def evaluate(candidate: Candidate) -> dict:
-            n = params(build_candidate(model, units, candidate, SIZE))
-            out.append((n, len(candidate.removed)))
-            return {"reward_raw": 0.5, "violates": n > limit}
-
-        PolicySearch(units, evaluate, settings, tmp_path / search_dir, bounds=bounds).run()
-        return out
-
-    free = built("free", None)
-    bounded = built("bounded", bounds)
+    # 0.45: at least both removable blocks of the last stage go
+    free, bounded, limit = _searched("removal", strategy, 0.45, tmp_path)
     assert any(n > limit for n, _ in free)  # the same search without bounds breaks the budget
     assert len(bounded) >= 3 and all(n <= limit for n, _ in bounded)
     assert len({removed for _, removed in bounded}) > 1  # bounded, not every block removed
