@@ -190,7 +190,8 @@ def _export_onnxruntime_int8(ctx: StageContext, cfg: ExportStage, path) -> tuple
     metrics = {
         "format": cfg.format,
         "onnx_form": "qdq-int8",
-        "int8_route": "onnxruntime",
+        # a Q/DQ model after max_accuracy_drop: the library that quantized it (QAT: brevitas)
+        "int8_route": (ctx.spec.int8 or {}).get("quantized_by", "onnxruntime"),
         "opset": onnx.load(str(path), load_external_data=False).opset_import[0].version,
         **{f"float_{k}": v for k, v in parity.items()},
         "float_test_top1": float_top1,

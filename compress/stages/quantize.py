@@ -234,7 +234,7 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
     if result is None:
         result = _run_onnxruntime(ctx, cfg, float_onnx)
     if cfg.max_accuracy_drop is not None and ctx.dist.is_main:
-        _fit_accuracy_budget(ctx, cfg, result, float_model, float_onnx)
+        _fit_accuracy_budget(ctx, cfg, result, float_model, float_onnx, route)
     result.metrics.update(method=cfg.method, bits=8, int8_target=cfg.int8_target, int8_route=route)
     result.model_metrics = {
         "quantization": cfg.method,
@@ -261,11 +261,17 @@ def _run_int8(ctx: StageContext, cfg: QuantizeStage) -> StageResult:
 
 
 def _fit_accuracy_budget(
-    ctx: StageContext, cfg: QuantizeStage, result: StageResult, float_model, float_onnx: Path
+    ctx: StageContext,
+    cfg: QuantizeStage,
+    result: StageResult,
+    float_model,
+    float_onnx: Path,
+    route: str,
 ) -> None:
     """Return the layers that cost the most validation accuracy per unit of speed to float until
     the Q/DQ model is within `max_accuracy_drop`; the result becomes that Q/DQ model (run by
-    onnxruntime), with sensitivity.json and sensitivity.png in the stage folder."""
+    onnxruntime, its spec naming `route`, the library that quantized it), with sensitivity.json
+    and sensitivity.png in the stage folder."""
     model = result.model
     if isinstance(model, OnnxInt8Model):
         qdq = onnx.load_from_string(model.onnx_bytes())
@@ -313,7 +319,7 @@ def _fit_accuracy_budget(
     if advice:
         logger.warning(f"stages[{ctx.index}]: {advice}")
     result.model = OnnxInt8Model(float_model.cpu(), chosen.SerializeToString())
-    result.spec = _int8_spec(ctx, cfg, route="onnxruntime")
+    result.spec = _int8_spec(ctx, cfg, route="onnxruntime", quantized_by=route)
     result.metrics.update(
         onnx_int8_size(chosen, reference),
         float_layers=len(analysis.chosen),

@@ -290,6 +290,8 @@ def test_budget_returns_the_fewest_layers_to_float_and_the_model_deploys(
     assert min(passing) == len(chosen)
     # the saved model is that Q/DQ model: exactly the chosen layers run in float
     model, spec = load_model(stage / "model.safetensors")
+    export = json.loads((tmp_path / "run" / "01-export" / "stage.json").read_text())["metrics"]
+    assert export["int8_route"] == spec.int8["quantized_by"] == "onnxruntime"
     qdq = onnx.load_from_string(model.onnx_bytes())
     int8_nodes = {layer.node for layer in quantized_layers(qdq)}
     assert int8_nodes.isdisjoint(chosen) and len(int8_nodes) == len(doc["layers"]) - len(chosen)
@@ -379,6 +381,8 @@ def test_qat_model_is_analysed_as_its_qdq_export_with_the_modules_names(
     doc = json.loads((stage / "sensitivity.json").read_text())
     model, spec = load_model(stage / "model.safetensors")
     assert isinstance(model, OnnxInt8Model) and spec.int8["route"] == "onnxruntime"
+    export = json.loads((tmp_path / "run" / "01-export" / "stage.json").read_text())["metrics"]
+    assert spec.int8["quantized_by"] == export["int8_route"] == "brevitas"  # run by onnxruntime
     convs = [
         n
         for n, m in model.float_model.named_modules()
