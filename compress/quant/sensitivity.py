@@ -475,19 +475,23 @@ def fit_budget(
     `reference_correct`), with `margin_se` standard errors to spare (`budget_drop`); records the
     choice in `analysis`.
 
-    Raises BudgetUnreachable when only every quantized layer in float (or nothing) meets it."""
+    Of the models evaluated, only the shortest prefix that met the budget so far is kept. Raises
+    BudgetUnreachable when only every quantized layer in float (or nothing) meets it."""
     analysis.budget, analysis.margin_se = budget, margin_se
     if float_correct is None:
         float_correct = val.reference_correct
-    models: dict[int, onnx.ModelProto] = {}
+    best: dict[int, onnx.ModelProto] = {}  # the shortest prefix that met the budget so far
     scores: dict[int, Scores] = {}
     order = analysis.order()
 
     def drop_of(nodes: list[str]) -> float:
         model = with_float_layers(qdq, nodes, fp32) if nodes else qdq
         s = val.score(model, threads) if nodes else analysis.int8
-        models[len(nodes)], scores[len(nodes)] = model, s
+        scores[len(nodes)] = s
         held = budget_drop(float_correct, s, margin_se)
+        if held <= budget and (not best or len(nodes) < min(best)):
+            best.clear()  # the search ends on the shortest prefix that met it: one model is kept
+            best[len(nodes)] = model
         analysis.evaluations.append(
             {
                 "float_layers": len(nodes),
@@ -526,7 +530,7 @@ def fit_budget(
     for r in analysis.layers:
         r.float = r.layer.node in analysis.chosen
     analysis.final = scores[k]
-    return models[k]
+    return best[k]
 
 
 def spread_warning(chosen: int, total: int, latency_vs_int8: float | None = None) -> str | None:
