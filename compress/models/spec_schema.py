@@ -179,6 +179,9 @@ class Int8Document(_Strict):
     """The arguments that rebuild an INT8 model (see compress.stages.quantize._int8_spec)."""
 
     route: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")] | None = None
+    # the library that quantized it, where that is not the route that runs it (QAT, then float
+    # layers chosen by max_accuracy_drop: brevitas, run by onnxruntime)
+    quantized_by: Literal["brevitas", "onnxruntime"] | None = None
     target: Literal["onnxruntime", "tensorrt"]
     input_size: Annotated[list[Annotated[int, Field(ge=1, le=4096)]], Field(min_length=3)]
 
