@@ -22,8 +22,8 @@ How it is computed (all on the deployable Q/DQ graph in onnxruntime, on validati
    its two units apart is taken off a unit's cost once its neighbour is in float.
 3. Choice: layers greedily in order of KL recovered per unit of that marginal speed cost (or of
    KL recovered alone), and the shortest prefix of that order whose model is within the budget,
-   found by a galloping search (about 2 log2 k evaluations; every evaluated prefix is recorded). Layers whose
-   float version alone recovers nothing come last, by what they recover.
+   found by a galloping search (about 2 log2 k evaluations; every evaluated prefix is recorded).
+   Layers whose float version alone recovers nothing come last, by what they recover.
 """
 
 from __future__ import annotations
